@@ -1,0 +1,234 @@
+"""Typed job configs: one frozen dataclass per job, a CLI generated from its fields.
+
+Precedence, lowest to highest: the dataclass defaults, ``--config file.yaml``, command-line flags
+(the two-stage parse timm uses). Unknown keys in the YAML file, or in a dict rebuilt inside a Ray
+worker, are errors rather than silently ignored: a typo must fail at once, not an hour later.
+
+Supported field types: ``str``, ``int``, ``float``, ``bool`` (``--x/--no-x``), ``Literal[...]``
+(choices), ``X | None`` and ``tuple[str, ...]`` (comma-separated on the command line).
+Each field's ``metadata["help"]`` becomes its ``--help`` text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from lib.errors import UserError
+
+C = TypeVar("C")
+
+_MISSING = dataclasses.MISSING
+
+
+def option(default: Any = _MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002 - argparse's name
+    """A dataclass field with ``--help`` text; ``default`` omitted makes the flag required."""
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only where there is a default worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, "", argparse.SUPPRESS) or action.dest == "help":
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as a one-line :class:`UserError`, not usage + exit."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"{message} (see --help)")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def coerce(tp: Any, value: Any, where: str) -> Any:
+    """Convert ``value`` (a string from the CLI, or a YAML scalar) to the field type ``tp``.
+
+    ``where`` names the key and its source for the error message.
+    """
+    tp, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise UserError(f"{where}: a value is required")
+    origin = typing.get_origin(tp)
+    try:
+        if origin is Literal:
+            choices = typing.get_args(tp)
+            for choice in choices:
+                if value == choice or str(value) == str(choice):
+                    return choice
+            raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        if origin is tuple:
+            (item_type, _) = typing.get_args(tp)
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(coerce(item_type, item.strip() if isinstance(item, str) else item, where)
+                         for item in items if not (isinstance(item, str) and not item.strip()))
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("true", "yes", "1", "on"):
+                return True
+            if text in ("false", "no", "0", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError(value)
+            return str(value)
+    except (TypeError, ValueError):
+        name = getattr(tp, "__name__", str(tp))
+        raise UserError(f"{where}: expected {name}, got {value!r}") from None
+    raise TypeError(f"unsupported config field type {tp!r}")
+
+
+def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
+    """Build config ``cls`` from a plain dict, rejecting unknown keys and coercing types.
+
+    Used for YAML files and, inside Ray workers, to rebuild a config from ``train_loop_config``.
+    Keys may use ``-`` or ``_``.
+    """
+    hints = _field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in fields:
+            raise UserError(f"unknown key {raw_key!r} in {source} (valid keys: {', '.join(fields)})")
+        kwargs[key] = coerce(hints[key], value, f"key {raw_key!r} in {source}")
+    missing = [name for name, f in fields.items()
+               if name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING]
+    if missing:
+        raise UserError(f"{source}: missing required key(s) {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as a JSON/YAML-friendly dict (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file, bad YAML or a non-mapping is a :class:`UserError`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UserError(f"config file is not valid YAML: {path}{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file must hold a mapping of keys to values: {path}")
+    return data
+
+
+def build_parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of ``cls`` plus ``--config``."""
+    parser = _Parser(prog=prog, description=description or (cls.__doc__ or "").strip().split("\n\n")[0],
+                     formatter_class=_HelpFormatter)
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="YAML file of defaults (keys = the flags below); flags override it")
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp, _ = _unwrap_optional(hints[f.name])
+        required = f.default is _MISSING and f.default_factory is _MISSING
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", "")}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = str  # coerced afterwards so CLI and YAML share one set of rules
+            if typing.get_origin(tp) is Literal:
+                kwargs["metavar"] = "{" + ",".join(map(str, typing.get_args(tp))) + "}"
+            elif typing.get_origin(tp) is tuple:
+                kwargs["metavar"] = "A,B,..."
+            else:
+                kwargs["metavar"] = f.name.upper()
+        if required:
+            kwargs["help"] += " (required)"
+        else:
+            kwargs["default"] = f.default if f.default is not _MISSING else f.default_factory()
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def parse_config(cls: type[C], argv: Sequence[str] | None = None, prog: str | None = None) -> C:
+    """Parse ``argv`` into ``cls``: dataclass defaults < ``--config`` YAML < flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or cls.__name__
+    pre = _Parser(prog=prog, add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    file_values = {}
+    if known.config:
+        raw = load_yaml(known.config)
+        source = f"config file {known.config}"
+        hints = _field_types(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        for raw_key, value in raw.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in names:
+                raise UserError(f"unknown key {raw_key!r} in {source} (valid keys: {', '.join(sorted(names))})")
+            file_values[key] = coerce(hints[key], value, f"key {raw_key!r} in {source}")
+    parser = build_parser(cls, prog)
+    for action in parser._actions:
+        if action.dest in file_values:
+            action.default = file_values[action.dest]
+            action.required = False
+    # Enforce "required" ourselves, so a value given in the YAML file satisfies it.
+    namespace = parser.parse_args(argv)
+    values = {k: v for k, v in vars(namespace).items() if k != "config"}
+    missing = [f"--{k.replace('_', '-')}" for k, v in values.items() if v is None and _is_required(cls, k)]
+    if missing:
+        raise UserError(f"the following arguments are required: {', '.join(missing)} (see --help)")
+    hints = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if value is None and _is_required(cls, key):
+            continue
+        kwargs[key] = coerce(hints[key], value, f"--{key.replace('_', '-')}")
+    return cls(**kwargs)
+
+
+def _is_required(cls: type, name: str) -> bool:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default is _MISSING and f.default_factory is _MISSING
