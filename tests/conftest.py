@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny generated image folders and CIFAR-10 batches, and one Ray for the session.
+
+Tests under tests/integration/ share one local Ray (started on first use, RAY_NOTES "The 2-core
+machine"); tests under tests/unit/ never start Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.pop("RAY_ADDRESS", None)  # never attach the test run to someone's cluster
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("cat", "dog", "frog")
+# A distinct base colour per class, so a decoded image can be traced back to its class.
+CLASS_COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "frog": (40, 40, 200)}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if "integration" in parts:
+            item.add_marker(pytest.mark.integration)
+        if "realdata" in parts:
+            item.add_marker(pytest.mark.realdata)
+
+
+def image_array(class_name: str, index: int, size: tuple[int, int] = (32, 32)) -> np.ndarray:
+    """A deterministic RGB test image: the class colour plus an index-seeded pattern."""
+    rng = np.random.default_rng(index * 7919 + sum(map(ord, class_name)))
+    base = np.array(CLASS_COLOURS[class_name], dtype=np.int16)
+    noise = rng.integers(-30, 30, size=(size[1], size[0], 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def make_image_folder(root: Path, train_per_class: int = 10, test_per_class: int = 4,
+                      classes: tuple[str, ...] = CLASSES, fmt: str = "png") -> Path:
+    """``root/{train,test}/<class>/NNNN.<fmt>`` with :func:`image_array` pixels (PNG is lossless)."""
+    from PIL import Image
+
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(image_array(name, i + (1000 if split == "test" else 0))).save(
+                    folder / f"{i:04d}.{fmt}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "images")
+
+
+def make_cifar_batches(root: Path, per_batch: int = 20, n_classes: int = 10) -> Path:
+    """A miniature ``cifar-10-batches-py`` in the official pickle format (5 train batches + test)."""
+    batches = root / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"class{i}" for i in range(n_classes)]
+    with open(batches / "batches.meta", "wb") as handle:
+        pickle.dump({b"label_names": [n.encode() for n in names], b"num_vis": 3072}, handle)
+    for name in (*[f"data_batch_{i}" for i in range(1, 6)], "test_batch"):
+        labels = [i % n_classes for i in range(per_batch)]
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        with open(batches / name, "wb") as handle:
+            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, handle)
+    return batches
+
+
+@pytest.fixture
+def cifar_batches(tmp_path) -> Path:
+    return make_cifar_batches(tmp_path / "cifar")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for all integration tests (num_cpus=4 so Data and Train never starve)."""
+    import ray
+
+    from jobs.runtime import init_ray
+
+    init_ray(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024 * 1024,
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def cifar10_dir() -> Path:
+    return Path(os.environ.get("CIFAR10_DIR", REPO.parent / "shared" / "datasets" / "cifar10"))
