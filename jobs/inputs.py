@@ -1,0 +1,69 @@
+"""The training input pipeline on Ray Data: prepared Parquet -> augmented, shuffled torch batches.
+
+The stored pixels are read once and kept in Ray's object store (``materialize``); the random
+augmentation is a lazy ``map_batches`` on top, so Ray Train re-executes it each epoch and every
+epoch sees new views (RAY_NOTES "Data"). Consumers call ``iter_torch_batches`` on the dataset or
+on their ``ray.train.get_dataset_shard`` and normalise on their device::
+
+    for batch in shard.iter_torch_batches(batch_size=128, local_shuffle_buffer_size=1024):
+        images = lib.augment.normalize(batch["image"].to(device))   # uint8 -> float32
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import numpy as np
+import ray
+
+from lib.augment import AugmentSettings, augment_batch, resize_batch
+from lib.dataset import read_manifest, split_files
+
+Shuffle = Literal["none", "blocks", "full"]
+# Fewer, larger blocks cost less scheduling per epoch; this many per CPU still keeps every CPU busy
+# (measured on 2 cores: 8 blocks ran an epoch ~20 % faster than 24 blocks).
+BLOCKS_PER_CPU = 2
+MIN_ROWS_PER_BLOCK = 256
+
+
+def read_split_dataset(data_dir: str | os.PathLike, split: str,
+                       columns: tuple[str, ...] = ("image", "label")) -> ray.data.Dataset:
+    """One prepared split as a Ray Dataset (files listed by the manifest, so a partial DATA fails)."""
+    return ray.data.read_parquet(split_files(data_dir, split)).select_columns(list(columns))
+
+
+def _augment(batch: dict[str, np.ndarray], settings: AugmentSettings) -> dict[str, np.ndarray]:
+    return {"image": augment_batch(batch["image"], settings).numpy(), "label": batch["label"]}
+
+
+def _resize(batch: dict[str, np.ndarray], image_size: int | None) -> dict[str, np.ndarray]:
+    return {"image": resize_batch(batch["image"], image_size).numpy(), "label": batch["label"]}
+
+
+def default_num_blocks(rows: int) -> int:
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(BLOCKS_PER_CPU * cpus, rows // MIN_ROWS_PER_BLOCK))
+
+
+def augmented_dataset(data_dir: str | os.PathLike, split: str = "train",
+                      settings: AugmentSettings = AugmentSettings(), shuffle: Shuffle = "blocks",
+                      augment: bool = True, num_blocks: int | None = None) -> ray.data.Dataset:
+    """Rows ``{"image": (3, S, S) uint8, "label": int64}``, augmented afresh every epoch.
+
+    ``shuffle``: ``"blocks"`` reorders the cached blocks every epoch (cheap; pair it with
+    ``iter_torch_batches(local_shuffle_buffer_size=...)``), ``"full"`` is an all-to-all
+    ``random_shuffle`` every epoch, ``"none"`` keeps file order (evaluation).
+    ``augment=False`` only resizes (to ``settings.image_size``), for validation and embedding.
+    Each cached block is one map task per epoch; ``num_blocks`` defaults to two per cluster CPU.
+    """
+    rows = read_manifest(data_dir)["totals"][split]
+    base = read_split_dataset(data_dir, split).repartition(num_blocks or default_num_blocks(rows)).materialize()
+    if shuffle == "blocks":
+        base = base.randomize_block_order()
+    elif shuffle == "full":
+        base = base.random_shuffle()
+    transform, kwargs = (_augment, {"settings": settings}) if augment else (
+        _resize, {"image_size": settings.image_size})
+    return base.map_batches(transform, batch_size=None, batch_format="numpy", zero_copy_batch=True,
+                            fn_kwargs=kwargs)
