@@ -95,4 +95,10 @@ def ray_session():
 
 
 def cifar10_dir() -> Path:
-    return Path(os.environ.get("CIFAR10_DIR", REPO.parent / "shared" / "datasets" / "cifar10"))
+    """$CIFAR10_DIR, else the shared copy beside the checkout, else the workplace's shared copy."""
+    if "CIFAR10_DIR" in os.environ:
+        return Path(os.environ["CIFAR10_DIR"])
+    for candidate in (REPO.parent / "shared" / "datasets" / "cifar10", Path("/work/shared/datasets/cifar10")):
+        if candidate.is_dir():
+            return candidate
+    return REPO.parent / "shared" / "datasets" / "cifar10"
