@@ -8,6 +8,7 @@ import sys
 # stage name -> (module, one-line purpose); a module provides ``cli(argv) -> int``.
 STAGES = {
     "prepare": ("jobs.prepare", "decode an image source into Parquet train/val/test splits"),
+    "train": ("jobs.train", "fine-tune backbones with a triplet loss on Ray Train"),
     "benchmark": ("jobs.benchmark", "measure the Ray paths against plain baselines"),
 }
 

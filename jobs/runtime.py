@@ -41,15 +41,22 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
         ray.init(log_to_driver=kwargs.get("log_to_driver", True))
         return
     started = time.perf_counter()
-    kwargs.setdefault("include_dashboard", False)
+    # Ray Train V2 watches its controller through the state API, which the dashboard serves; it
+    # also shows progress at http://127.0.0.1:8265.
+    kwargs.setdefault("include_dashboard", True)
     ray.init(address="local", num_cpus=num_cpus or local_num_cpus(), **kwargs)
     log(f"started a local Ray with {num_cpus or local_num_cpus()} logical CPUs "
         f"in {time.perf_counter() - started:.1f} s (set RAY_ADDRESS to use a cluster)")
 
 
 def log(message: str) -> None:
-    """A progress line for people watching the job (stderr keeps stdout for results)."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    """A progress line for people watching the job (stderr keeps stdout for results).
+
+    Written to the stream directly: inside Ray Train workers ``print`` is patched to tee into
+    Train's logger as well, which would show every line twice.
+    """
+    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {message}\n")
+    sys.stderr.flush()
 
 
 def run_job(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | None, prog: str) -> int:
