@@ -1,0 +1,190 @@
+"""Training configuration, presets and the pieces of the training loop that need no Ray.
+
+``TrainConfig`` is the one typed config of ``jobs.train`` (and of each ``jobs.tune`` trial). Fields
+left as ``None`` take their value from the preset; ``resolve()`` fills them in, and the resolved
+config is what runs and what is written next to the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from lib.backbones import check_backbones
+from lib.config import from_dict, option
+from lib.errors import UserError
+from lib.losses import Miner
+
+Preset = Literal["smoke", "quick", "full"]
+
+# Defaults per preset. quick and smoke train from scratch on CPUs; full fine-tunes ImageNet weights on GPUs.
+# quick's miner and learning rate were chosen by measurement (DESIGN "Training": from scratch at
+# 32 px, semi-hard mining learned nothing in 4 epochs; all margin-violating triplets did).
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(weights="none", image_size=32, embedding_dim=32, epochs=1, batch_size=16, samples_per_class=4,
+                  lr=2e-3, weight_decay=1e-4, warmup_epochs=0.0, margin=0.2, miner="all", train_per_class=16,
+                  val_per_class=8, patience=0),
+    "quick": dict(weights="none", image_size=32, embedding_dim=128, epochs=8, batch_size=128, samples_per_class=16,
+                  lr=2e-3, weight_decay=1e-4, warmup_epochs=1.0, margin=0.2, miner="all", train_per_class=500,
+                  val_per_class=100, patience=3),
+    "full": dict(weights="imagenet", image_size=224, embedding_dim=128, epochs=30, batch_size=256,
+                 samples_per_class=16, lr=3e-4, weight_decay=1e-4, warmup_epochs=2.0, margin=0.2, miner="semihard",
+                 train_per_class=0, val_per_class=0, patience=5),
+}
+# Keys a tuning result (best.json) may set.
+HPARAM_KEYS = ("margin", "lr", "miner", "embedding_dim", "weight_decay")
+METRIC = "val_map@5"  # the metric early stopping, checkpoint ranking and Tune all maximise
+METRIC_MODE = "max"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fine-tune backbones with a triplet loss on Ray Train, streaming augmented data from Ray Data."""
+
+    data_dir: str = option(help="prepared data set (jobs.prepare's DATA)")
+    run_dir: str = option(help="run folder; models go to RUN/models/<backbone>/")
+    backbones: tuple[str, ...] = option(("resnet50",), help="comma-separated backbones to train concurrently")
+    preset: Preset = option("quick", help="smoke: seconds, for tests; quick: a CPU run in minutes; full: GPUs")
+    weights: str = option("", help="imagenet | none | PATH to a state dict (default: by preset)")
+    hparams: str = option("", help="best.json from jobs.tune: overrides margin, lr and the other tuned keys")
+    num_workers: int | None = option(None, help="Ray Train workers per backbone (default: 1, or GPUs/backbones)")
+    use_gpu: Literal["auto", "true", "false"] = option("auto", help="auto uses GPUs when the cluster has them")
+    image_size: int | None = option(None, help="input side in pixels: 32 native, 128/224 for ImageNet weights")
+    embedding_dim: int | None = option(None, help="embedding size D")
+    epochs: int | None = option(None, help="maximum epochs")
+    batch_size: int | None = option(None, help="batch size per worker")
+    samples_per_class: int | None = option(None, help="images per class in a batch (P x K batches)")
+    lr: float | None = option(None, help="peak learning rate (AdamW, warm-up then cosine decay)")
+    weight_decay: float | None = option(None, help="AdamW weight decay")
+    warmup_epochs: float | None = option(None, help="linear warm-up length in epochs")
+    margin: float | None = option(None, help="triplet margin (Euclidean distance on unit vectors)")
+    miner: Miner | None = option(None, help="triplet mining: semihard, hard, all or easy")
+    train_per_class: int | None = option(None, help="train images per class (0 = all)")
+    val_per_class: int | None = option(None, help="val images per class for the per-epoch mAP@5 (0 = all)")
+    patience: int | None = option(None, help="stop after this many epochs without a better val mAP@5 (0 = never)")
+    max_failures: int = option(2, help="worker-group restarts from the last checkpoint before giving up")
+    storage: str = option("", help="Ray Train storage for checkpoints: a path or s3://... (default: RUN/models)")
+    seed: int = option(0, help="seed for subsets and initialisation")
+    inject_failure: str = option("", help="testing aid, BACKBONE:EPOCH: a worker of that backbone raises once "
+                                          "at that epoch")
+
+    def __post_init__(self) -> None:
+        check_backbones(self.backbones)
+        if len(set(self.backbones)) != len(self.backbones):
+            raise UserError(f"backbone listed twice in --backbones {','.join(self.backbones)}")
+        positive = ("num_workers", "image_size", "embedding_dim", "epochs", "batch_size", "lr")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.image_size is not None and self.image_size < 16:
+            raise UserError(f"--image-size must be at least 16, got {self.image_size}")
+        if self.inject_failure and (self.inject_failure.count(":") != 1
+                                    or not self.inject_failure.split(":")[1].isdigit()):
+            raise UserError(f"--inject-failure must look like BACKBONE:EPOCH, got {self.inject_failure!r}")
+        if self.samples_per_class is not None and self.samples_per_class < 2:
+            raise UserError(f"--samples-per-class must be at least 2, got {self.samples_per_class}")
+
+    def resolve(self) -> TrainConfig:
+        """This config with every ``None`` replaced from the preset and ``--hparams`` applied."""
+        values = {k: v for k, v in dataclasses.asdict(self).items()}
+        for key, value in PRESETS[self.preset].items():
+            if values[key] is None or values[key] == "":
+                values[key] = value
+        if self.hparams:
+            for key, value in load_hparams(self.hparams).items():
+                values[key] = value
+        values["hparams"] = ""  # applied; the resolved config stands on its own
+        if values["batch_size"] < 2 * values["samples_per_class"]:
+            raise UserError(f"--batch-size {values['batch_size']} must hold at least two classes of "
+                            f"--samples-per-class {values['samples_per_class']}")
+        return from_dict(TrainConfig, values, source="resolved training config")
+
+    def for_backbone(self, backbone: str) -> TrainConfig:
+        return dataclasses.replace(self, backbones=(backbone,))
+
+    @property
+    def backbone(self) -> str:
+        return self.backbones[0]
+
+
+def load_hparams(path: str | Path) -> dict[str, Any]:
+    """Read a tuning result (``best.json``): its keys in :data:`HPARAM_KEYS` override the config.
+
+    A file that is missing, not JSON, or sets no known key is a :class:`UserError`.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"hyper-parameter file not found: {path}") from None
+    except ValueError:
+        raise UserError(f"hyper-parameter file is not JSON: {path}") from None
+    config = data.get("config", data) if isinstance(data, dict) else None
+    if not isinstance(config, dict):
+        raise UserError(f"hyper-parameter file must hold a JSON object: {path}")
+    chosen = {k: config[k] for k in HPARAM_KEYS if k in config}
+    if not chosen:
+        raise UserError(f"hyper-parameter file sets none of {', '.join(HPARAM_KEYS)}: {path}")
+    return chosen
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Learning-rate factor: linear warm-up from ~0 to 1, then cosine decay to 0 at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no weight decay on biases and norm layers) with a per-step warm-up + cosine schedule."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup))
+    return optimizer, scheduler
+
+
+def per_class_subset(ids: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Ids of ``per_class`` images of every class (all when 0 or when a class has fewer), chosen by seed."""
+    from lib.sources import stable_hash
+
+    if per_class <= 0:
+        return np.asarray(ids)
+    chosen = []
+    for label in np.unique(labels):
+        members = [str(i) for i in np.asarray(ids)[labels == label]]
+        chosen.extend(sorted(members, key=lambda i: stable_hash(seed, i))[:per_class])
+    return np.asarray(sorted(chosen), dtype=object)
+
+
+def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The history row with the highest :data:`METRIC` among trained epochs (epoch >= 1)."""
+    trained = [row for row in history if row.get("epoch", 0) >= 1 and row.get(METRIC) is not None]
+    return max(trained, key=lambda row: row[METRIC]) if trained else None
+
+
+def val_retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, k: int = 5) -> dict[str, float]:
+    """``val_map@5`` and ``val_p@5`` of (N, D) unit ``embeddings`` under protocol L (self excluded)."""
+    # TEMPORARY brute force until lib.retrieval lands
+    emb = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
+    sims = emb @ emb.T
+    sims.fill_diagonal_(-float("inf"))
+    neighbours = sims.topk(k, dim=1).indices.numpy()
+    rel = (labels[neighbours] == labels[:, None]).astype(np.float64)
+    precision_at_i = np.cumsum(rel, axis=1) / np.arange(1, k + 1)
+    return {f"val_map@{k}": float((precision_at_i * rel).sum(1).mean() / k), f"val_p@{k}": float(rel.mean())}

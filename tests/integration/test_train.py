@@ -1,0 +1,81 @@
+"""jobs.train end to end on a local Ray: Ray Data -> Ray Train (DDP), faults, resume, several backbones."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from jobs import prepare, train
+from lib.backbones import build_model
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from tests.conftest import make_image_folder
+
+    root = tmp_path_factory.mktemp("train")
+    folder = make_image_folder(root / "images", train_per_class=40, test_per_class=8)
+    return prepare.main(prepare.PrepareConfig(source=f"imagefolder:{folder}", data_dir=str(root / "data")))
+
+
+def history(run_dir, backbone):
+    lines = (run_dir / "models" / backbone / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def smoke(data_dir, run_dir, *extra):
+    return train.cli(["--data-dir", str(data_dir), "--run-dir", str(run_dir), "--preset", "smoke",
+                      "--train-per-class", "0", "--epochs", "4", *extra])
+
+
+def test_two_workers_learn_survive_a_worker_failure_and_write_outputs(data_dir, tmp_path):
+    run = tmp_path / "run"
+    code = smoke(data_dir, run, "--backbones", "resnet50", "--num-workers", "2",
+                 "--inject-failure", "resnet50:2", "--max-failures", "1")
+    assert code == 0
+    out = run / "models" / "resnet50"
+    rows = history(run, "resnet50")
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4]  # the failed epoch 2 was redone from epoch 1's checkpoint
+    assert rows[2]["resumed_from"] == 1
+    assert (out / ".failure-injected-at-2").exists()
+    assert rows[-1]["train_loss"] < rows[1]["train_loss"]  # the loss fell
+    assert all(r["steps"] >= 2 and 0 <= r["active_fraction"] <= 1 for r in rows[1:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["num_workers"] == 2 and summary["epochs_run"] == 4
+    assert summary["best"]["val_map@5"] == max(r["val_map@5"] for r in rows[1:])
+    curve = Image.open(out / "loss_curve.png")
+    assert curve.size[0] > 600 and len(curve.getcolors(maxcolors=1 << 20) or []) > 20
+    model = build_model("resnet50", str(out / "model.pt"), embedding_dim=summary["config"]["embedding_dim"])
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+    assert json.loads((out / "config.json").read_text())["preset"] == "smoke"
+
+
+def test_one_failing_backbone_spares_the_other_and_a_rerun_resumes_it(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = smoke(data_dir, run, "--backbones", "vgg16,resnet50", "--inject-failure", "vgg16:3", "--max-failures", "0")
+    err = capsys.readouterr().err
+    assert code == 1 and "some backbones failed: vgg16" in err
+    assert (run / "models" / "resnet50" / "summary.json").exists()
+    assert not (run / "models" / "vgg16" / "summary.json").exists()
+
+    code = smoke(data_dir, run, "--backbones", "vgg16,resnet50")
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "resnet50: already trained with this config" in err
+    rows = history(run, "vgg16")
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4] and rows[3]["resumed_from"] == 2
+
+
+def test_offline_imagenet_weights_fail_with_one_line(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    code = train.cli(["--data-dir", str(data_dir), "--run-dir", str(tmp_path / "run"), "--preset", "smoke",
+                      "--weights", "imagenet", "--backbones", "densenet121"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[")]
+    assert code == 2 and lines == [lines[0]]
+    assert "cannot load ImageNet weights for densenet121" in lines[0] and "--weights none" in lines[0]
