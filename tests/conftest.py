@@ -16,6 +16,11 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.pop("RAY_ADDRESS", None)  # never attach the test run to someone's cluster
+# Tests talk to servers they start on loopback (HTTP download tests, Ray's dashboard, a Ray head):
+# a proxy from the environment must never sit in between.
+_LOCAL = "127.0.0.1,localhost"
+for _var in ("no_proxy", "NO_PROXY"):
+    os.environ[_var] = ",".join(filter(None, (os.environ.get(_var), _LOCAL)))
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog", "frog")
