@@ -180,11 +180,9 @@ def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def val_retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, k: int = 5) -> dict[str, float]:
     """``val_map@5`` and ``val_p@5`` of (N, D) unit ``embeddings`` under protocol L (self excluded)."""
-    # TEMPORARY brute force until lib.retrieval lands
-    emb = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
-    sims = emb @ emb.T
-    sims.fill_diagonal_(-float("inf"))
-    neighbours = sims.topk(k, dim=1).indices.numpy()
-    rel = (labels[neighbours] == labels[:, None]).astype(np.float64)
-    precision_at_i = np.cumsum(rel, axis=1) / np.arange(1, k + 1)
-    return {f"val_map@{k}": float((precision_at_i * rel).sum(1).mean() / k), f"val_p@{k}": float(rel.mean())}
+    from lib.retrieval import knn, map_at_k, precision_at_k
+
+    _, neighbours = knn(embeddings, embeddings, min(k, len(labels) - 1), exclude_self=True)
+    neighbour_labels = np.asarray(labels)[neighbours]
+    k = neighbour_labels.shape[1]
+    return {"val_map@5": map_at_k(neighbour_labels, labels, k), "val_p@5": precision_at_k(neighbour_labels, labels, k)}
