@@ -277,7 +277,7 @@ def fit_backbone(cfg: TrainConfig, use_gpu: bool, num_classes: int) -> dict[str,
 
 def write_outputs(cfg: TrainConfig, result, seconds: float) -> dict[str, Any]:
     """From a finished Ray Train result: best model, per-epoch metrics, curve PNG, config, summary (last)."""
-    from lib.curves import plot_loss_curve, save_figure
+    from lib.plots import loss_curve_figure, save_figure
 
     out = model_dir(cfg)
     with result.checkpoint.as_directory() as folder:
@@ -291,7 +291,7 @@ def write_outputs(cfg: TrainConfig, result, seconds: float) -> dict[str, Any]:
     with open(out / ".metrics.jsonl.tmp", "w") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in history)
     os.replace(out / ".metrics.jsonl.tmp", out / "metrics.jsonl")
-    save_figure(plot_loss_curve(history, title=f"{cfg.backbone} ({cfg.preset}, weights {cfg.weights})"),
+    save_figure(loss_curve_figure(history, title=f"{cfg.backbone} ({cfg.preset}, weights {cfg.weights})"),
                 out / "loss_curve.png")
     write_json(out / "config.json", to_dict(cfg))
     summary = {"backbone": cfg.backbone, "epochs_run": history[-1]["epoch"], "best_epoch": best_row["epoch"],
