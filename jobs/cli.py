@@ -9,6 +9,8 @@ import sys
 STAGES = {
     "prepare": ("jobs.prepare", "decode an image source into Parquet train/val/test splits"),
     "train": ("jobs.train", "fine-tune backbones with a triplet loss on Ray Train"),
+    "evaluate": ("jobs.evaluate", "embed with every model on Ray Data; retrieval, probes, clusters, stacking, report"),
+    "search": ("jobs.search", "nearest train images of image files or test ids, from the saved index"),
     "benchmark": ("jobs.benchmark", "measure the Ray paths against plain baselines"),
 }
 

@@ -1,0 +1,284 @@
+"""Embedding extraction on Ray Data: every prepared split through one model, one model load per actor.
+
+Output per model ``NAME`` (a backbone, ``<backbone>-untrained`` or ``stacked``)::
+
+    RUN/embeddings/NAME/{train,val,test}.parquet   id: string, label: int64, embedding: float32[D]
+    RUN/embeddings/NAME/source.json                what produced them; written last (= complete)
+
+Rows are sorted by id, so the same split of every model has the same rows in the same order
+(stacking relies on it). Extraction is skipped when ``source.json`` matches the model's checkpoint
+(its SHA-256), settings and the prepared data (its manifest's SHA-256).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from jobs.runtime import log
+from lib.augment import normalize, resize_batch
+from lib.backbones import EmbeddingNet, build_model, check_backbones, fetch_imagenet_weights
+from lib.dataset import MANIFEST, SPLITS, split_files, table_images
+from lib.errors import UserError
+from lib.io import read_json, write_json
+
+SOURCE_FILE = "source.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One network to embed with. ``weights``: ``none`` (seeded random init), ``imagenet`` or a state-dict path.
+
+    ``baseline``: an untrained companion of a trained backbone (``--include-untrained``), reported but
+    never stacked.
+    """
+
+    name: str
+    backbone: str
+    weights: str
+    embedding_dim: int
+    image_size: int
+    seed: int = 0
+    trained: bool = False
+    baseline: bool = False
+    checkpoint_sha256: str = ""
+
+    def identity(self, data_fingerprint: str) -> dict[str, Any]:
+        """The ``source.json`` these settings and this data produce."""
+        return {"format": FORMAT_VERSION, **dataclasses.asdict(self), "data_manifest_sha256": data_fingerprint}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_sha256(weights: str) -> str:
+    """SHA-256 of a weights file; empty for ``none`` and ``imagenet``."""
+    return "" if weights in ("none", "imagenet") or not Path(weights).is_file() else file_sha256(weights)
+
+
+def data_fingerprint(data_dir: str | os.PathLike) -> str:
+    """SHA-256 of ``DATA/manifest.json``: it lists every file and count, so new data means a new value."""
+    return file_sha256(Path(data_dir) / MANIFEST)
+
+
+def model_sources(run_dir: str | os.PathLike, backbones: tuple[str, ...], include_untrained: bool,
+                  weights: str, embedding_dim: int, image_size: int, seed: int) -> list[ModelSource]:
+    """The networks to evaluate: trained models in ``RUN/models/<b>/`` (complete = ``summary.json``),
+    restricted to ``backbones`` when given; a listed backbone without a trained model is evaluated
+    untrained (``weights``, ``embedding_dim``, ``image_size``); ``include_untrained`` adds each trained
+    backbone's untrained network (its config's initial weights and seed)."""
+    models = Path(run_dir) / "models"
+    trained = sorted(p.parent.name for p in models.glob("*/summary.json") if (p.parent / "model.pt").is_file())
+    if backbones:
+        check_backbones(backbones)
+    elif not trained:
+        raise UserError(f"no trained models in {models} (no <backbone>/summary.json): run jobs.train first, "
+                        f"or pass --backbones NAME[,NAME] to evaluate untrained networks (--weights none|imagenet)")
+    sources = []
+    for backbone in backbones or tuple(trained):
+        if backbone not in trained:
+            sources.append(ModelSource(f"{backbone}-untrained", backbone, weights, embedding_dim, image_size, seed,
+                                       checkpoint_sha256=weights_sha256(weights)))
+            continue
+        folder = models / backbone
+        config = read_json(folder / "config.json")
+        sources.append(ModelSource(backbone, backbone, str(folder / "model.pt"), int(config["embedding_dim"]),
+                                   int(config["image_size"]), int(config.get("seed", 0)), trained=True,
+                                   checkpoint_sha256=file_sha256(folder / "model.pt")))
+        if include_untrained:
+            initial = str(config.get("weights", "none"))
+            sources.append(ModelSource(f"{backbone}-untrained", backbone, initial, int(config["embedding_dim"]),
+                                       int(config["image_size"]), int(config.get("seed", 0)), baseline=True,
+                                       checkpoint_sha256=weights_sha256(initial)))
+    for source in sources:
+        if source.weights == "imagenet":
+            fetch_imagenet_weights(source.backbone)  # offline: one clear line now, not inside every actor
+        elif source.weights != "none" and not Path(source.weights).is_file():
+            raise UserError(f"weights file not found: {source.weights} (for {source.name}; use --weights "
+                            f"none, imagenet or a file path)")
+    return sources
+
+
+# --------------------------------------------------------------------------- the model, in any process
+
+
+def load_embedding_model(source: ModelSource, device: str | torch.device = "cpu") -> EmbeddingNet:
+    """``source``'s network in eval mode on ``device``; ``weights="none"`` is the same network for the same seed."""
+    torch.manual_seed(source.seed)
+    return build_model(source.backbone, source.weights, source.embedding_dim).eval().to(device)
+
+
+def embed_images(model: EmbeddingNet, images: np.ndarray, image_size: int,
+                 device: torch.device | None = None) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, D) float32 unit vectors: resized to ``image_size``, ImageNet-normalised
+    as in training (lib.augment), one forward pass without gradients."""
+    device = device or torch.device("cpu")
+    batch = normalize(resize_batch(images, image_size).to(device, non_blocking=True))
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return model(batch).float().cpu().numpy()
+
+
+def embed_loop(model: EmbeddingNet, images: np.ndarray, image_size: int, batch_size: int) -> np.ndarray:
+    """The plain-PyTorch path: :func:`embed_images` over ``images`` in batches, in this process."""
+    chunks = [embed_images(model, images[i:i + batch_size], image_size) for i in range(0, len(images), batch_size)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, model.embedding_dim), np.float32)
+
+
+class EmbedBatches:
+    """Ray Data actor: loads each model once, then embeds every batch's ``image`` column with each of them.
+
+    Output columns: every input column but ``image``, plus ``embedding_<i>`` (N, D_i) for ``sources[i]``.
+    One pass over the images serves all models, and an actor's start-up (a process importing torch)
+    is paid once, not once per model. CPU actors split the node's cores between the actors that
+    share it (Ray pins an actor to one thread otherwise).
+    """
+
+    def __init__(self, sources: list[dict[str, Any]], actors_per_node: int = 1):
+        self.sources = [ModelSource(**source) for source in sources]
+        self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // actors_per_node))
+        self.models = [load_embedding_model(source, self.device) for source in self.sources]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {key: value for key, value in batch.items() if key != "image"}
+        for i, (source, model) in enumerate(zip(self.sources, self.models, strict=True)):
+            out[f"embedding_{i}"] = embed_images(model, batch["image"], source.image_size, self.device)
+        return out
+
+
+def actor_plan(use_gpu: str, num_actors: int = 0) -> dict[str, Any]:
+    """``map_batches`` resources: one actor per GPU (``num_gpus=1``), else one CPU actor per 8 logical CPUs."""
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    if use_gpu == "true" and gpus == 0:
+        raise UserError("--use-gpu true, but the Ray cluster has no GPUs (use auto or false)")
+    on_gpu = gpus > 0 and use_gpu != "false"
+    actors = num_actors or (gpus if on_gpu else max(1, cpus // 8))
+    nodes = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+    return {"compute": ray.data.ActorPoolStrategy(size=actors), "num_gpus": 1 if on_gpu else 0, "num_cpus": 1,
+            "actors": actors, "actors_per_node": math.ceil(actors / nodes), "on_gpu": on_gpu}
+
+
+def embedding_dataset(images: ray.data.Dataset, sources: list[ModelSource], plan: dict[str, Any],
+                      batch_size: int) -> ray.data.Dataset:
+    """``images`` (an ``image`` column, any others) -> the same rows with ``embedding_<i>`` instead of ``image``."""
+    return images.map_batches(EmbedBatches, batch_size=batch_size, batch_format="numpy", compute=plan["compute"],
+                              num_gpus=plan["num_gpus"], num_cpus=plan["num_cpus"],
+                              fn_constructor_kwargs={"sources": [dataclasses.asdict(s) for s in sources],
+                                                     "actors_per_node": plan["actors_per_node"]})
+
+
+# --------------------------------------------------------------------------- files
+
+
+def embeddings_dir(run_dir: str | os.PathLike, name: str) -> Path:
+    return Path(run_dir) / "embeddings" / name
+
+
+def write_split(path: Path, ids: np.ndarray, labels: np.ndarray, embeddings: np.ndarray) -> None:
+    """One split's embeddings as Parquet, rows sorted by id, written atomically (temp name + rename)."""
+    order = np.argsort(np.asarray(ids).astype(str), kind="stable")
+    embeddings = np.ascontiguousarray(embeddings[order], dtype=np.float32)
+    table = pa.table({"id": pa.array(np.asarray(ids).astype(str)[order], pa.string()),
+                      "label": pa.array(np.asarray(labels)[order], pa.int64()),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.ravel(), pa.float32()),
+                                                                     embeddings.shape[1])})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_embeddings(run_dir: str | os.PathLike, name: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids (N,) str, labels (N,) int64, embeddings (N, D) float32) of one model's split."""
+    path = embeddings_dir(run_dir, name) / f"{split}.parquet"
+    if not path.is_file():
+        raise UserError(f"no embeddings for model {name!r}: {path} is missing (run jobs.evaluate)")
+    table = pq.read_table(path)
+    column = table.column("embedding").combine_chunks()
+    vectors = column.flatten().to_numpy().reshape(len(table), column.type.list_size)
+    return np.asarray(table.column("id").to_pylist(), dtype=object), table.column("label").to_numpy(), vectors
+
+
+def read_images_by_id(data_dir: str | os.PathLike, split: str, ids: list[str]) -> np.ndarray:
+    """(len(ids), H, W, 3) uint8 pixels of the given ids of a prepared split, in the order given."""
+    table = pq.ParquetDataset(split_files(data_dir, split), filters=pc.field("id").isin(list(ids))).read(
+        columns=["id", "image"])
+    position = {row_id: i for i, row_id in enumerate(table.column("id").to_pylist())}
+    missing = [i for i in ids if i not in position]
+    if missing:
+        raise UserError(f"id {missing[0]!r} is not in the {split} split of {data_dir}")
+    return table_images(table)[[position[i] for i in ids]]
+
+
+def up_to_date(run_dir: str | os.PathLike, name: str, identity: dict[str, Any]) -> bool:
+    folder = embeddings_dir(run_dir, name)
+    try:
+        recorded = json.loads((folder / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return recorded == identity and all((folder / f"{split}.parquet").is_file() for split in SPLITS)
+
+
+def ensure_embeddings(data_dir: str, run_dir: str, sources: list[ModelSource], batch_size: int,
+                      use_gpu: str = "auto", num_actors: int = 0) -> list[str]:
+    """Embed every split with every source whose embeddings are missing or stale; returns the names embedded."""
+    fingerprint = data_fingerprint(data_dir)
+    todo = [s for s in sources if not up_to_date(run_dir, s.name, s.identity(fingerprint))]
+    for source in sources:
+        if source not in todo:
+            log(f"{source.name}: embeddings up to date ({embeddings_dir(run_dir, source.name)}); skipping")
+    if not todo:
+        return []
+    plan = actor_plan(use_gpu, num_actors)
+    files = [f for split in SPLITS for f in split_files(data_dir, split)]
+    for source in todo:
+        embeddings_dir(run_dir, source.name).mkdir(parents=True, exist_ok=True)
+        (embeddings_dir(run_dir, source.name) / SOURCE_FILE).unlink(missing_ok=True)  # stale until rewritten
+    started = time.perf_counter()
+    log(f"embedding every split with {', '.join(s.name for s in todo)} on {plan['actors']} "
+        f"{'GPU' if plan['on_gpu'] else 'CPU'} actor(s)")
+    images = ray.data.read_parquet(files, columns=["id", "image", "label"], include_paths=True)
+    columns = ["id", "label", *(f"embedding_{i}" for i in range(len(todo)))]
+    parts: dict[str, list[dict[str, np.ndarray]]] = {split: [] for split in SPLITS}
+    for batch in embedding_dataset(images, todo, plan, batch_size).iter_batches(batch_size=None,
+                                                                                batch_format="numpy"):
+        splits = np.array([Path(str(p)).parent.name for p in batch["path"]])  # DATA/<split>/part-*.parquet
+        for split in np.unique(splits):
+            keep = splits == split
+            parts[str(split)].append({k: np.asarray(batch[k])[keep] for k in columns})
+    merged = {}
+    for split, chunks in parts.items():
+        if not chunks:
+            raise RuntimeError(f"no rows came back for split {split}")
+        merged[split] = {k: np.concatenate([c[k] for c in chunks]) for k in columns}
+    for i, source in enumerate(todo):
+        folder = embeddings_dir(run_dir, source.name)
+        for split, table in merged.items():
+            write_split(folder / f"{split}.parquet", table["id"], table["label"], table[f"embedding_{i}"])
+        write_json(folder / SOURCE_FILE, source.identity(fingerprint))  # last: marks the folder complete
+    rows, seconds = sum(len(t["id"]) for t in merged.values()), time.perf_counter() - started
+    log(f"embedded {rows} images with {len(todo)} model(s) in {seconds:.1f} s "
+        f"({rows * len(todo) / seconds:.0f} embeddings/s) -> {embeddings_dir(run_dir, '*')}")
+    return [s.name for s in todo]
