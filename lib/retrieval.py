@@ -17,6 +17,7 @@ Two layers (HOUSE_STYLE 9):
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import sys
@@ -57,6 +58,9 @@ def _import_faiss() -> ModuleType:
     """
     if "faiss" in sys.modules:
         return sys.modules["faiss"]
+    # faiss's loader logs every SIMD variant its wheel lacks; inside Ray workers those lines reach
+    # the job's console on every start. Real import failures still raise.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     core = _openblas_core_for_this_cpu()
     if core is None or "OPENBLAS_CORETYPE" in os.environ:
         import faiss
