@@ -11,6 +11,7 @@ their last checkpoint and skips finished ones.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -35,10 +36,10 @@ class BackboneFailed(Exception):
 
 
 @ray.remote(num_cpus=0)
-def _fit_remote(config: dict, use_gpu: bool, num_classes: int) -> dict[str, Any]:
+def _fit_remote(config: dict, use_gpu: bool, num_classes: int, trainers_per_node: int) -> dict[str, Any]:
     from lib.config import from_dict
 
-    return fit_backbone(from_dict(TrainConfig, config), use_gpu, num_classes)
+    return fit_backbone(from_dict(TrainConfig, config), use_gpu, num_classes, trainers_per_node)
 
 
 def check_weights(cfg: TrainConfig) -> None:
@@ -82,12 +83,15 @@ def main(cfg: TrainConfig) -> Path:
     log(f"training {', '.join(todo) or 'nothing'} on {cfg.num_workers} {'GPU' if use_gpu else 'CPU'} worker(s) "
         f"each, up to {concurrent} at a time; preset {cfg.preset}, weights {cfg.weights}, {cfg.epochs} epochs")
 
+    # A local Ray runs every trainer on this machine: CPU workers split its cores instead of each
+    # taking all of them (oversubscribed threads slow everyone down). On a cluster they spread out.
+    trainers_per_node = 1 if use_gpu or os.environ.get("RAY_ADDRESS") else max(1, min(concurrent, len(todo)))
     pending, running, failures = list(todo), {}, {}
     while pending or running:
         while pending and len(running) < concurrent:
             backbone = pending.pop(0)
             ref = _fit_remote.remote(dataclasses.asdict(cfg.for_backbone(backbone)), use_gpu,
-                                     len(manifest["classes"]))
+                                     len(manifest["classes"]), trainers_per_node)
             running[ref] = backbone
         ready, _ = ray.wait(list(running), num_returns=1)
         backbone = running.pop(ready[0])

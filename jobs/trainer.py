@@ -109,8 +109,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     if not on_gpu:
-        # Ray pins a CPU worker to one thread; give each worker its share of the node's cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ray.train.get_context().get_local_world_size()))
+        # Ray pins a CPU worker to one thread; give each worker its share of the node's cores
+        # (shared with the other backbones' workers when several train on one machine).
+        sharing = ray.train.get_context().get_local_world_size() * config.get("trainers_per_node", 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharing))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.backbone, cfg.weights, cfg.embedding_dim)
     if on_gpu:
@@ -239,8 +241,11 @@ def _ids_and_labels(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(table.column("id").to_pylist(), dtype=object), table.column("label").to_numpy()
 
 
-def fit_backbone(cfg: TrainConfig, use_gpu: bool, num_classes: int) -> dict[str, Any]:
-    """Train ``cfg.backbone`` (resuming a run in the same storage) and write its outputs; returns the summary."""
+def fit_backbone(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_per_node: int = 1) -> dict[str, Any]:
+    """Train ``cfg.backbone`` (resuming a run in the same storage) and write its outputs; returns the summary.
+
+    ``trainers_per_node``: how many trainers share each machine's cores (CPU workers split them).
+    """
     out = model_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     # The job logs its own per-epoch progress; per-epoch dataset bars would bury it.
@@ -261,7 +266,7 @@ def fit_backbone(cfg: TrainConfig, use_gpu: bool, num_classes: int) -> dict[str,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": to_dict(cfg), "rows_per_worker": rows // cfg.num_workers,
-                           "num_classes": num_classes},
+                           "num_classes": num_classes, "trainers_per_node": trainers_per_node},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.backbone, storage_path=cfg.storage or str(out.parent),
