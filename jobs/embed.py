@@ -259,7 +259,7 @@ def ensure_embeddings(data_dir: str, run_dir: str, sources: list[ModelSource], b
     started = time.perf_counter()
     log(f"embedding every split with {', '.join(s.name for s in todo)} on {plan['actors']} "
         f"{'GPU' if plan['on_gpu'] else 'CPU'} actor(s)")
-    images = ray.data.read_parquet(files, columns=["id", "image", "label"], include_paths=True)
+    images = ray.data.read_parquet(files, include_paths=True).select_columns(["id", "image", "label", "path"])
     columns = ["id", "label", *(f"embedding_{i}" for i in range(len(todo)))]
     parts: dict[str, list[dict[str, np.ndarray]]] = {split: [] for split in SPLITS}
     for batch in embedding_dataset(images, todo, plan, batch_size).iter_batches(batch_size=None,

@@ -1,0 +1,64 @@
+"""jobs.search on the index jobs.evaluate saved: test ids and image files, and bad input."""
+
+import contextlib
+import io
+
+import pytest
+from PIL import Image
+
+from jobs import search
+from tests.conftest import image_array
+from tests.integration.test_evaluate import evaluated_run
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    return evaluated_run(tmp_path_factory)
+
+
+def run_search(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = search.cli(list(argv))
+    return code, out.getvalue(), [line for line in err.getvalue().splitlines() if not line.startswith("[")]
+
+
+def test_search_by_test_ids_and_by_image_file(evaluated, tmp_path):
+    _, run, _ = evaluated
+    code, out, errors = run_search("--run-dir", str(run), "--test-ids", "test/dog/0001.png,test/frog/0002.png",
+                                   "--k", "3", "--out", str(tmp_path / "ids.png"))
+    assert code == 0 and errors == []
+    lines = out.splitlines()
+    assert lines[0].startswith("query test/dog/0001.png (dog), model ") and len(lines) == 2 * 4
+    neighbours = [line.split() for line in lines if line.startswith("  ")]
+    assert all(row[1].startswith("train/") and row[3] == "similarity" for row in neighbours)
+    assert [row[2] for row in neighbours[:3]] == ["dog"] * 3 and [row[2] for row in neighbours[3:]] == ["frog"] * 3
+    assert Image.open(tmp_path / "ids.png").size[0] > 200
+
+    # a new file of another size, in a folder named after its class: decoded, resized, embedded like training
+    (tmp_path / "cat").mkdir()
+    Image.fromarray(image_array("cat", 77, size=(45, 40))).save(tmp_path / "cat" / "new.png")
+    code, out, errors = run_search("--run-dir", str(run), "--images", str(tmp_path / "cat" / "new.png"),
+                                   "--k", "4", "--model", "vgg16-untrained", "--out", str(tmp_path / "img.png"))
+    assert code == 0 and errors == []
+    assert "(cat), model vgg16-untrained" in out.splitlines()[0]
+    assert [line.split()[2] for line in out.splitlines()[1:]] == ["cat"] * 4
+    assert (tmp_path / "img.png").is_file()
+
+
+def test_bad_search_input_is_one_line_and_exit_2(evaluated, tmp_path):
+    _, run, _ = evaluated
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    cases = [
+        (["--run-dir", str(tmp_path), "--test-ids", "test/dog/0001.png"], "no saved index"),
+        (["--run-dir", str(run), "--test-ids", "test/dog/9999.png"], "unknown test id 'test/dog/9999.png'"),
+        (["--run-dir", str(run), "--images", str(tmp_path / "broken.png")], "cannot read image"),
+        (["--run-dir", str(run), "--images", str(tmp_path / "missing.png")], "image file not found"),
+        (["--run-dir", str(run), "--test-ids", "test/dog/0001.png", "--model", "nope"], "unknown model 'nope'"),
+        (["--run-dir", str(run)], "either --images or --test-ids"),
+    ]
+    for argv, message in cases:
+        code, _, errors = run_search(*argv)
+        assert code == 2 and len(errors) == 1 and message in errors[0], (argv, errors)
