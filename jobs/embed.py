@@ -30,7 +30,7 @@ import ray
 import torch
 
 from jobs.runtime import log
-from lib.augment import normalize, resize_batch
+from lib.augment import as_tensor, normalize, resize_batch
 from lib.backbones import EmbeddingNet, build_model, check_backbones, fetch_imagenet_weights
 from lib.dataset import MANIFEST, SPLITS, split_files, table_images
 from lib.errors import UserError
@@ -133,7 +133,8 @@ def embed_images(model: EmbeddingNet, images: np.ndarray, image_size: int,
     """(N, H, W, 3) uint8 -> (N, D) float32 unit vectors: resized to ``image_size``, ImageNet-normalised
     as in training (lib.augment), one forward pass without gradients."""
     device = device or torch.device("cpu")
-    batch = normalize(resize_batch(images, image_size).to(device, non_blocking=True))
+    # uint8 crosses to the device (a quarter of float32's bytes), and the resize runs there
+    batch = normalize(resize_batch(as_tensor(images).to(device, non_blocking=True), image_size))
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         return model(batch).float().cpu().numpy()
 

@@ -119,7 +119,8 @@ def main(cfg: EvaluateConfig) -> Path:
     models: dict = {}
     if len(stack) >= 2:
         embeddings[STACKED], models[STACKED] = stacked_model(cfg, embeddings, stack)
-    use_gpu = cfg.use_gpu
+    # --use-gpu true insists on GPUs for the embedding actors; faiss takes a GPU only when its build has one
+    use_gpu = "false" if cfg.use_gpu == "false" else "auto"
     clusters, cluster_ids = {}, {}
     for name, splits in embeddings.items():
         models[name] = score_model(name, splits, use_gpu, models.get(name, {}))
@@ -136,7 +137,7 @@ def main(cfg: EvaluateConfig) -> Path:
             shutil.copyfile(curve, out / f".loss_curve_{source.backbone}.png.tmp")
             os.replace(out / f".loss_curve_{source.backbone}.png.tmp", out / f"loss_curve_{source.backbone}.png")
     metrics = metrics_document(models, clusters, config)
-    notes = [f"Models: {', '.join(f'{s.name} (weights {describe_weights(s)})' for s in sources)}. "
+    notes = [f"Models: {', '.join(f'{s.name} ({describe_weights(s)})' for s in sources)}. "
              f"Best by mAP@5 G: {best}; t-SNE, clusters and retrieval grid show {best}; "
              f"the saved index (jobs.search) is {best_single}'s train gallery."]
     write_text(out / "results.md", results_markdown(metrics, notes))
@@ -154,8 +155,11 @@ def write_text(path: Path, text: str) -> None:
 
 def describe_weights(source) -> str:
     if source.trained:
-        return f"trained, {Path(source.weights).parent.name}/model.pt"
-    return source.weights if source.weights in ("none", "imagenet") else Path(source.weights).name
+        config = json.loads((Path(source.weights).parent / "config.json").read_text())
+        return (f"trained, preset {config.get('preset', '?')}, initial weights {config.get('weights', '?')}, "
+                f"{config['image_size']} px, D={config['embedding_dim']}")
+    weights = source.weights if source.weights in ("none", "imagenet") else Path(source.weights).name
+    return f"untrained, weights {weights}, {source.image_size} px, D={source.embedding_dim}"
 
 
 def check_aligned(embeddings: dict, run_dir: str) -> None:
@@ -227,7 +231,8 @@ def write_figures(cfg: EvaluateConfig, out: Path, classes: list[str], splits: di
     save_figure(clusters_figure(points, labels[rows], clusters[rows], classes, scores), out / "clusters.png")
     train_ids, train_labels, train = splits["train"]
     queries = grid_query_rows(labels, cfg.grid_queries, cfg.seed)
-    similarities, neighbours = knn(test[queries], train, min(cfg.grid_k, len(train)), use_gpu=cfg.use_gpu)
+    similarities, neighbours = knn(test[queries], train, min(cfg.grid_k, len(train)),
+                                   use_gpu="false" if cfg.use_gpu == "false" else "auto")
     gallery_rows = np.unique(neighbours)  # only the neighbours' pixels are read
     figure = retrieval_grid_figure(
         read_images_by_id(cfg.data_dir, "test", [str(ids[q]) for q in queries]), labels[queries],
