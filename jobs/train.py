@@ -70,18 +70,23 @@ def plan(cfg: TrainConfig) -> tuple[TrainConfig, bool, int]:
 
 
 def main(cfg: TrainConfig) -> Path:
-    cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).expanduser().absolute()),
-                              data_dir=str(Path(cfg.data_dir).expanduser().absolute())).resolve()
+    given = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).expanduser().absolute()),
+                                data_dir=str(Path(cfg.data_dir).expanduser().absolute()))
+    cfg = given.resolve()
     manifest = read_manifest(cfg.data_dir)
     models = ensure_writable_dir(Path(cfg.run_dir) / "models")
     check_weights(cfg)
     init_ray()
     cfg, use_gpu, concurrent = plan(cfg)
-    todo = [bb for bb in cfg.backbones if not finished(cfg.for_backbone(bb))]
+    # each backbone resolves on its own: a preset may size epochs per backbone (BACKBONE_PRESETS)
+    configs = {bb: dataclasses.replace(given.for_backbone(bb).resolve(), num_workers=cfg.num_workers)
+               for bb in cfg.backbones}
+    todo = [bb for bb in cfg.backbones if not finished(configs[bb])]
     for done in sorted(set(cfg.backbones) - set(todo)):
-        log(f"{done}: already trained with this config ({model_dir(cfg.for_backbone(done))}); skipping")
-    log(f"training {', '.join(todo) or 'nothing'} on {cfg.num_workers} {'GPU' if use_gpu else 'CPU'} worker(s) "
-        f"each, up to {concurrent} at a time; preset {cfg.preset}, weights {cfg.weights}, {cfg.epochs} epochs")
+        log(f"{done}: already trained with this config ({model_dir(configs[done])}); skipping")
+    log(f"training {', '.join(f'{bb} ({configs[bb].epochs} epochs)' for bb in todo) or 'nothing'} on "
+        f"{cfg.num_workers} {'GPU' if use_gpu else 'CPU'} worker(s) each, up to {concurrent} at a time; "
+        f"preset {cfg.preset}, weights {cfg.weights}")
 
     # A local Ray runs every trainer on this machine: CPU workers split its cores instead of each
     # taking all of them (oversubscribed threads slow everyone down). On a cluster they spread out.
@@ -90,7 +95,7 @@ def main(cfg: TrainConfig) -> Path:
     while pending or running:
         while pending and len(running) < concurrent:
             backbone = pending.pop(0)
-            ref = _fit_remote.remote(dataclasses.asdict(cfg.for_backbone(backbone)), use_gpu,
+            ref = _fit_remote.remote(dataclasses.asdict(configs[backbone]), use_gpu,
                                      len(manifest["classes"]), trainers_per_node)
             running[ref] = backbone
         ready, _ = ray.wait(list(running), num_returns=1)

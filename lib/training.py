@@ -38,6 +38,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                  samples_per_class=16, lr=3e-4, weight_decay=1e-4, warmup_epochs=2.0, margin=0.2, miner="semihard",
                  train_per_class=0, val_per_class=0, patience=5),
 }
+# Per-backbone exceptions to a preset, so that ``quick`` fits its time budget for every backbone
+# (jobs.train resolves each backbone's config on its own). Set by measurement; see README "Results".
+BACKBONE_PRESETS: dict[tuple[str, str], dict[str, Any]] = {}
 # Keys a tuning result (best.json) may set.
 HPARAM_KEYS = ("margin", "lr", "miner", "embedding_dim", "weight_decay")
 METRIC = "val_map@5"  # the metric early stopping, checkpoint ranking and Tune all maximise
@@ -93,9 +96,15 @@ class TrainConfig:
             raise UserError(f"--samples-per-class must be at least 2, got {self.samples_per_class}")
 
     def resolve(self) -> TrainConfig:
-        """This config with every ``None`` replaced from the preset and ``--hparams`` applied."""
+        """This config with every ``None`` replaced from the preset and ``--hparams`` applied.
+
+        A single-backbone config also takes that backbone's :data:`BACKBONE_PRESETS` entry.
+        """
         values = {k: v for k, v in dataclasses.asdict(self).items()}
-        for key, value in PRESETS[self.preset].items():
+        preset = dict(PRESETS[self.preset])
+        if len(self.backbones) == 1:
+            preset.update(BACKBONE_PRESETS.get((self.preset, self.backbones[0]), {}))
+        for key, value in preset.items():
             if values[key] is None or values[key] == "":
                 values[key] = value
         if self.hparams:

@@ -16,6 +16,17 @@ def test_preset_fills_what_flags_leave_open():
     assert parse_config(TrainConfig, [*BASE, "--preset", "full"]).resolve().weights == "imagenet"
 
 
+def test_a_backbone_preset_entry_applies_to_that_backbone_alone(monkeypatch):
+    import lib.training
+
+    monkeypatch.setitem(lib.training.BACKBONE_PRESETS, ("quick", "vgg16"), {"epochs": 3})
+    quick = PRESETS["quick"]["epochs"]
+    assert TrainConfig(data_dir="d", run_dir="r", backbones=("vgg16",)).resolve().epochs == 3
+    assert TrainConfig(data_dir="d", run_dir="r", backbones=("resnet50",)).resolve().epochs == quick
+    assert TrainConfig(data_dir="d", run_dir="r", backbones=("vgg16",), epochs=5).resolve().epochs == 5  # flag wins
+    assert TrainConfig(data_dir="d", run_dir="r", backbones=("vgg16",), preset="smoke").resolve().epochs == 1
+
+
 def test_hparams_file_overrides_tuned_keys(tmp_path):
     best = tmp_path / "best.json"
     best.write_text(json.dumps({"config": {"margin": 0.35, "lr": 0.004}, "val_map@5": 0.4}))
