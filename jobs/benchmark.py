@@ -9,6 +9,11 @@ machine moves both. Suites interleave baseline and candidate rounds and report m
   single-process PIL decode loop over the same files.
 - ``inputs``: augmented batches/s from the Ray Data pipeline (jobs.inputs) against the plain
   PyTorch DataLoader (lib.loader), same transform, batch size and CPU count.
+- ``train``: training images/s of ``jobs.train`` (Ray Data streaming augmented batches into one
+  Ray Train worker) against a plain PyTorch loop over the same images held in memory as tensors:
+  same model, triplet objective, optimiser, P x K batches and torch threads. The plain loop does no
+  augmentation at all, so it is the compute bound the Ray path can at best reach. Plain epochs run
+  before and after the Ray run; medians exclude each side's first (warm-up) epoch.
 """
 
 from __future__ import annotations
@@ -41,11 +46,14 @@ DEFAULT_SOURCE = "imagefolder:" + os.environ.get(
 class BenchmarkConfig:
     """Measure the Ray paths against plain baselines in one run and print the ratios."""
 
-    suites: tuple[str, ...] = option(("prepare", "inputs"), help="which suites to run: prepare, inputs")
+    suites: tuple[str, ...] = option(("prepare", "inputs"), help="which suites to run: prepare, inputs, train")
     source: str = option(DEFAULT_SOURCE, help="image source to benchmark on (an imagefolder for 'prepare')")
     work_dir: str = option("", help="where to prepare data (default: a temporary folder, removed after)")
     rounds: int = option(5, help="measured rounds per side (after one warm-up round each)")
-    batch_size: int = option(128, help="batch size of the input-pipeline suite")
+    batch_size: int = option(128, help="batch size of the input-pipeline and train suites")
+    backbone: str = option("resnet50", help="model of the train suite")
+    train_images: int = option(2000, help="train images per epoch in the train suite (a class-balanced subset)")
+    epochs: int = option(4, help="epochs per side in the train suite (the first is a warm-up)")
     image_size: int | None = option(None, help="output side of the augmentation (default: stored size)")
     output: str = option("", help="also write the results as JSON to this file")
 
@@ -54,6 +62,8 @@ class BenchmarkConfig:
         if unknown:
             raise UserError(f"unknown benchmark suite(s) {', '.join(sorted(unknown))} "
                             f"(choose from {', '.join(SUITES)})")
+        if self.epochs < 2:
+            raise UserError(f"--epochs must be at least 2 (the first is a warm-up), got {self.epochs}")
         if self.rounds < 1:
             raise UserError(f"--rounds must be at least 1, got {self.rounds}")
 
@@ -150,7 +160,79 @@ def _prepared(cfg: BenchmarkConfig, work: Path) -> Path:
     return data_dir
 
 
-SUITES: dict[str, Callable[[BenchmarkConfig, Path], dict]] = {"prepare": prepare_suite, "inputs": inputs_suite}
+def plain_training_epochs(cfg: BenchmarkConfig, train_cfg, images, labels, epochs: int) -> list[float]:
+    """Images/s of each epoch of a plain PyTorch triplet training loop over in-memory uint8 tensors."""
+    import torch
+
+    from lib.augment import normalize
+    from lib.backbones import build_model
+    from lib.batching import balanced_batches
+    from lib.losses import TripletObjective
+    from lib.training import make_optimizer
+
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(train_cfg.backbone, train_cfg.weights, train_cfg.embedding_dim)
+    optimizer, scheduler = make_optimizer(model, train_cfg, max(1, len(labels) // cfg.batch_size))
+    objective = TripletObjective(train_cfg.margin, train_cfg.miner)
+    rates = []
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(epoch))
+        stream = ({"image": images[order[i:i + cfg.batch_size]], "label": labels[order[i:i + cfg.batch_size]]}
+                  for i in range(0, len(order), cfg.batch_size))
+        started, count = time.perf_counter(), 0
+        for batch in balanced_batches(stream, cfg.batch_size, train_cfg.samples_per_class, seed=epoch):
+            loss, _ = objective(model(normalize(batch["image"])), batch["label"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            count += len(batch["label"])
+        rates.append(count / (time.perf_counter() - started))
+        log(f"train suite: plain loop epoch {epoch + 1}/{epochs}: {rates[-1]:.1f} images/s")
+    return rates
+
+
+def train_suite(cfg: BenchmarkConfig, work: Path) -> dict:
+    import torch
+
+    from jobs import train
+    from lib.dataset import read_split
+    from lib.training import TrainConfig, per_class_subset
+
+    data_dir = _prepared(cfg, work)
+    manifest = complete_manifest(data_dir)
+    per_class = max(1, cfg.train_images // len(manifest["classes"]))
+    train_cfg = TrainConfig(data_dir=str(data_dir), run_dir=str(work / "train-suite"), backbones=(cfg.backbone,),
+                            preset="quick", epochs=cfg.epochs, batch_size=cfg.batch_size, train_per_class=per_class,
+                            val_per_class=10, patience=0, num_workers=1, use_gpu="false").resolve()
+    split = read_split(data_dir, "train")
+    keep = set(per_class_subset(split.ids, split.labels, per_class, train_cfg.seed).tolist())
+    rows = np.asarray([str(i) in keep for i in split.ids])
+    images = torch.from_numpy(np.ascontiguousarray(split.images[rows].transpose(0, 3, 1, 2)))
+    labels = torch.from_numpy(split.labels[rows].astype(np.int64))
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)  # what jobs.train gives its single CPU worker
+    log(f"train suite: {cfg.backbone}, {len(labels)} images, batch {cfg.batch_size}, {threads} torch threads")
+    before = plain_training_epochs(cfg, train_cfg, images, labels, cfg.epochs)
+    init_ray()
+    train.main(train_cfg)
+    history = [json.loads(line) for line in
+               (Path(train_cfg.run_dir) / "models" / cfg.backbone / "metrics.jsonl").read_text().splitlines()]
+    ray_rates = [row["images_per_s"] for row in history if row["epoch"] >= 1]
+    after = plain_training_epochs(cfg, train_cfg, images, labels, cfg.epochs)
+    plain = statistics.median(before[1:] + after[1:])
+    ray_median = statistics.median(ray_rates[1:])
+    return {
+        "backbone": cfg.backbone, "images": len(labels), "batch_size": cfg.batch_size, "torch_threads": threads,
+        "plain_images_per_s": [round(r, 1) for r in before + after],
+        "ray_images_per_s": [round(r, 1) for r in ray_rates],
+        "plain_median": round(plain, 1), "ray_median": round(ray_median, 1), "ratio": round(ray_median / plain, 2),
+    }
+
+
+SUITES: dict[str, Callable[[BenchmarkConfig, Path], dict]] = {
+    "prepare": prepare_suite, "inputs": inputs_suite, "train": train_suite}
 
 
 def main(cfg: BenchmarkConfig) -> dict:
@@ -170,6 +252,10 @@ def main(cfg: BenchmarkConfig) -> dict:
         r = results["inputs"]
         print(f"inputs: Ray Data {r['ray_median']} batches/s vs PyTorch DataLoader {r['torch_median']} "
               f"batches/s ({r['dataloader_workers']} workers) -> {r['ratio']}x")
+    if "train" in results:
+        r = results["train"]
+        print(f"train: {r['backbone']} {r['ray_median']} images/s through Ray Data + Ray Train vs plain PyTorch "
+              f"loop on in-memory tensors {r['plain_median']} images/s ({r['torch_threads']} threads) -> {r['ratio']}x")
     if cfg.output:
         write_json(cfg.output, results)
     return results
