@@ -11,6 +11,7 @@ STAGES = {
     "train": ("jobs.train", "fine-tune backbones with a triplet loss on Ray Train"),
     "evaluate": ("jobs.evaluate", "embed with every model on Ray Data; retrieval, probes, clusters, stacking, report"),
     "search": ("jobs.search", "nearest train images of image files or test ids, from the saved index"),
+    "pipeline": ("jobs.pipeline", "prepare, (tune,) train and evaluate under one RUN; reruns resume"),
     "benchmark": ("jobs.benchmark", "measure the Ray paths against plain baselines"),
 }
 
