@@ -248,6 +248,21 @@ def fit_backbone(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_per
     """
     out = model_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(cfg, use_gpu, num_classes, trainers_per_node,
+                            name=cfg.backbone, storage=cfg.storage or str(out.parent))
+    started = time.perf_counter()
+    result = trainer.fit()
+    return write_outputs(cfg, result, time.perf_counter() - started)
+
+
+def build_trainer(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_per_node: int = 1, *,
+                  name: str, storage: str, callbacks: list | None = None) -> TorchTrainer:
+    """The ``TorchTrainer`` of one training run of ``cfg`` (used by ``fit_backbone`` and each Tune trial).
+
+    Builds the Ray Datasets (augmented train subset, resized val subset); the run keeps its checkpoints
+    under ``storage/name``, so a second trainer with the same name and storage resumes from them.
+    ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
+    """
     # The job logs its own per-epoch progress; per-epoch dataset bars would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     settings = AugmentSettings(image_size=cfg.image_size)
@@ -263,21 +278,18 @@ def fit_backbone(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_per
         datasets[split] = augmented_dataset(cfg.data_dir, split, settings, augment=augment, keep_ids=keep,
                                             shuffle="blocks" if augment else "none")
     resources = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": to_dict(cfg), "rows_per_worker": rows // cfg.num_workers,
                            "num_classes": num_classes, "trainers_per_node": trainers_per_node},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=cfg.backbone, storage_path=cfg.storage or str(out.parent),
+            name=name, storage_path=storage, callbacks=callbacks,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
                                                checkpoint_score_order="max")),
         datasets=datasets,
     )
-    started = time.perf_counter()
-    result = trainer.fit()
-    return write_outputs(cfg, result, time.perf_counter() - started)
 
 
 def write_outputs(cfg: TrainConfig, result, seconds: float) -> dict[str, Any]:
