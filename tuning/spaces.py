@@ -1,0 +1,134 @@
+"""Search spaces as data: ``{TrainConfig field: {kind: arguments}}``, one per preset or from a YAML file.
+
+A space names only keys a tuning result may set (:data:`lib.training.HPARAM_KEYS`), so whatever Tune
+finds can go into ``best.json`` and from there into ``jobs.train --hparams``. Kinds::
+
+    margin: {uniform: [0.05, 0.5]}          # float in [low, high]
+    lr: {loguniform: [1.0e-4, 1.0e-2]}      # float, uniform in log space (low > 0)
+    miner: {choice: [all, hard]}            # one of the values, drawn at random
+    embedding_dim: {grid: [64, 128]}        # every value in turn (random search only)
+    weight_decay: 1.0e-4                    # a bare value fixes the key
+
+Nothing here imports Ray until :func:`to_tune` turns a checked space into Tune's distributions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from lib.config import coerce, load_yaml
+from lib.errors import UserError
+from lib.training import HPARAM_KEYS, TrainConfig
+
+Kind = Literal["uniform", "loguniform", "choice", "grid", "fixed"]
+KINDS = ("uniform", "loguniform", "choice", "grid")
+
+# From scratch (smoke, quick) the miner decides whether anything is learned (DESIGN "Training"):
+# semi-hard mining stays flat there, so quick searches only the miners that learned.
+SPACES: dict[str, dict[str, Any]] = {
+    "smoke": {"margin": {"uniform": [0.05, 0.5]}, "lr": {"loguniform": [1e-4, 1e-2]}},
+    "quick": {"margin": {"uniform": [0.05, 0.5]}, "lr": {"loguniform": [3e-4, 1e-2]},
+              "miner": {"choice": ["all", "hard"]}},
+    "full": {"margin": {"uniform": [0.05, 0.5]}, "lr": {"loguniform": [3e-5, 3e-3]},
+             "miner": {"choice": ["semihard", "hard", "all"]}, "weight_decay": {"loguniform": [1e-5, 1e-3]},
+             "embedding_dim": {"choice": [64, 128, 256]}},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Dimension:
+    """One checked key of a space: ``values`` are (low, high) for uniform/loguniform, else the options."""
+
+    kind: Kind
+    values: tuple[Any, ...]
+
+
+Space = dict[str, Dimension]
+
+
+def _field_type(key: str) -> Any:
+    """The TrainConfig field's type without its ``| None`` (a searched value is never None)."""
+    tp = typing.get_type_hints(TrainConfig)[key]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def check_space(raw: Any, source: str) -> Space:
+    """Validate a space read from ``source`` (a preset name or a file) into :class:`Dimension` entries.
+
+    Unknown or untunable keys, unknown kinds, values of the wrong type and empty ranges are
+    :class:`UserError` naming the key and the source.
+    """
+    if not isinstance(raw, Mapping) or not raw:
+        raise UserError(f"search space in {source} must be a non-empty mapping of keys to ranges")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    space: Space = {}
+    for raw_key, spec in raw.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in HPARAM_KEYS:
+            what = "is a training option that cannot be tuned" if key in fields else "is not a training option"
+            raise UserError(f"search space key {raw_key!r} in {source} {what} "
+                            f"(tunable keys: {', '.join(HPARAM_KEYS)})")
+        space[key] = _check_dimension(key, spec, f"key {raw_key!r} in search space {source}")
+    return space
+
+
+def _check_dimension(key: str, spec: Any, where: str) -> Dimension:
+    tp = _field_type(key)
+    if not isinstance(spec, Mapping):
+        return Dimension("fixed", (coerce(tp, spec, where),))
+    if len(spec) != 1 or next(iter(spec)) not in KINDS:
+        raise UserError(f"{where}: expected one of {', '.join(KINDS)} (or a bare value), got {dict(spec)!r}")
+    kind, args = next(iter(spec.items()))
+    if not isinstance(args, (list, tuple)) or not args:
+        raise UserError(f"{where}: {kind} takes a non-empty list, got {args!r}")
+    values = tuple(coerce(tp, value, where) for value in args)
+    if kind in ("uniform", "loguniform"):
+        if tp is not float:
+            raise UserError(f"{where}: {kind} needs a float option; use choice or grid for {key}")
+        if len(values) != 2 or not values[0] < values[1]:
+            raise UserError(f"{where}: {kind} takes [low, high] with low < high, got {list(args)!r}")
+        if kind == "loguniform" and values[0] <= 0:
+            raise UserError(f"{where}: loguniform needs low > 0, got {values[0]}")
+    if tp in (int, float) and any(value <= 0 for value in values) and key != "weight_decay":
+        raise UserError(f"{where}: values must be positive, got {list(args)!r}")
+    return Dimension(kind, values)
+
+
+def preset_space(preset: str) -> Space:
+    """The built-in space of a preset (``smoke``, ``quick`` or ``full``)."""
+    return check_space(SPACES[preset], f"preset {preset}")
+
+
+def load_space(path: str | Path) -> Space:
+    """A space from a YAML file (``--space space.yaml``)."""
+    return check_space(load_yaml(path), str(path))
+
+
+def searched_keys(space: Space) -> list[str]:
+    """Keys that vary between trials, in :data:`HPARAM_KEYS` order."""
+    return [key for key in HPARAM_KEYS if key in space and space[key].kind != "fixed"]
+
+
+def fixed_values(space: Space) -> dict[str, Any]:
+    return {key: dim.values[0] for key, dim in space.items() if dim.kind == "fixed"}
+
+
+def to_tune(space: Space) -> dict[str, Any]:
+    """Tune's ``param_space`` for the varying keys (fixed keys go into the base config instead)."""
+    from ray import tune
+
+    build = {"uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+             "choice": lambda v: tune.choice(list(v)), "grid": lambda v: tune.grid_search(list(v))}
+    return {key: build[dim.kind](dim.values) for key, dim in space.items() if dim.kind != "fixed"}
+
+
+def describe(space: Space) -> str:
+    """One line for the log, e.g. ``margin uniform(0.05, 0.5), lr loguniform(0.0001, 0.01)``."""
+    return ", ".join(f"{key} {dim.kind}({', '.join(map(str, dim.values))})" for key, dim in space.items())
