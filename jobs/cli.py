@@ -9,6 +9,7 @@ import sys
 STAGES = {
     "prepare": ("jobs.prepare", "decode an image source into Parquet train/val/test splits"),
     "train": ("jobs.train", "fine-tune backbones with a triplet loss on Ray Train"),
+    "tune": ("jobs.tune", "search triplet margin, learning rate (and more) with Ray Tune; writes best.json"),
     "evaluate": ("jobs.evaluate", "embed with every model on Ray Data; retrieval, probes, clusters, stacking, report"),
     "search": ("jobs.search", "nearest train images of image files or test ids, from the saved index"),
     "pipeline": ("jobs.pipeline", "prepare, (tune,) train and evaluate under one RUN; reruns resume"),

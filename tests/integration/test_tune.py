@@ -1,0 +1,117 @@
+"""jobs.tune end to end on the session's local Ray: real Ray Train trials, ASHA, best.json into jobs.train.
+
+One tune runs for the whole module (three smoke trials, two epochs each at most). Its space makes two
+trials clearly worse whatever training does: a 1-dimensional embedding puts every image on one of two
+points, so three classes cannot all be told apart, while 32 dimensions already separate the colour-coded
+test classes perfectly. ASHA (grace 1 epoch, factor 2) must stop such a trial after its first epoch.
+"""
+
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from jobs import prepare, tune
+from lib.config import parse_config
+from lib.training import HPARAM_KEYS, METRIC, PRESETS, TrainConfig
+from tuning.driver import concurrent_trials
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+SPACE = "margin: {uniform: [0.1, 0.4]}\nlr: {loguniform: [1.0e-3, 5.0e-3]}\nembedding_dim: {grid: [32, 1, 1]}\n"
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    from tests.conftest import make_image_folder
+
+    root = tmp_path_factory.mktemp("tune")
+    folder = make_image_folder(root / "images", train_per_class=32, test_per_class=4)
+    data = prepare.main(prepare.PrepareConfig(source=f"imagefolder:{folder}", data_dir=str(root / "data"),
+                                              val_fraction=0.25))
+    (root / "space.yaml").write_text(SPACE)
+    args = ["--data-dir", str(data), "--run-dir", str(root / "run"), "--backbone", "resnet50", "--preset", "smoke",
+            "--space", str(root / "space.yaml"), "--num-samples", "1", "--epochs", "2", "--grace-period", "1",
+            "--reduction-factor", "2"]
+    code = tune.cli(args)
+    return {"code": code, "args": args, "out": root / "run" / "tune" / "resnet50"}
+
+
+def table(out):
+    """trials.md as dicts: header cells -> row cells."""
+    lines = [line for line in (out / "trials.md").read_text().splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True)) for line in lines[1:]]
+
+
+def test_smoke_tune_writes_the_trial_table_the_picture_and_best_json(tuned):
+    assert tuned["code"] == 0
+    out = tuned["out"]
+    rows = table(out)
+    assert len(rows) == 3 and list(rows[0]) == ["trial", "margin", "lr", "embedding_dim", "epochs",
+                                                f"best {METRIC}", "status"]
+    assert all(0.0 <= float(row[f"best {METRIC}"]) <= 1.0 for row in rows)
+
+    best = json.loads((out / "best.json").read_text())
+    assert set(best) == {*HPARAM_KEYS, METRIC, "backbone", "preset"}
+    assert (best["backbone"], best["preset"], best["embedding_dim"]) == ("resnet50", "smoke", 32)
+    assert 0.1 <= best["margin"] <= 0.4 and 1e-3 <= best["lr"] <= 5e-3
+    assert (best["miner"], best["weight_decay"]) == ("all", 1e-4)  # the smoke preset's, not searched
+    top = max(rows, key=lambda row: float(row[f"best {METRIC}"]))
+    assert top["trial"].endswith("(best)") and float(top[f"best {METRIC}"]) == round(best[METRIC], 4)
+    assert (top["margin"], top["lr"]) == (f"{best['margin']:.4g}", f"{best['lr']:.4g}")
+
+    picture = Image.open(out / "tune.png")
+    assert picture.size[0] > 600 and len(picture.getcolors(maxcolors=1 << 20) or []) > 20
+    assert (out / "trials" / "tuner.pkl").is_file()  # Tune's own experiment state, for resuming
+    assert len(list((out / "train").iterdir())) == 3  # each trial's Ray Train run and checkpoint
+
+
+def test_asha_stops_a_clearly_worse_trial_after_its_grace_epoch(tuned):
+    rows = table(tuned["out"])
+    good = [row for row in rows if row["embedding_dim"] == "32"]
+    stopped = [row for row in rows if row["status"] == "stopped early"]
+    assert [(row["epochs"], row["status"]) for row in good] == [("2", "completed")]
+    assert stopped and all(row["embedding_dim"] == "1" and row["epochs"] == "1" for row in stopped)
+    assert all(float(row[f"best {METRIC}"]) < float(good[0][f"best {METRIC}"]) for row in stopped)
+
+
+def test_jobs_train_takes_best_json_as_its_hyper_parameters(tuned):
+    best_path = tuned["out"] / "best.json"
+    best = json.loads(best_path.read_text())
+    # the same parse and resolve jobs.train's main runs before it trains
+    cfg = parse_config(TrainConfig, ["--data-dir", "d", "--run-dir", "r", "--preset", "quick",
+                                     "--hparams", str(best_path)]).resolve()
+    assert {key: getattr(cfg, key) for key in HPARAM_KEYS} == {key: best[key] for key in HPARAM_KEYS}
+    assert cfg.epochs == PRESETS["quick"]["epochs"] and cfg.hparams == ""  # everything else is still the quick preset's
+
+
+def test_a_finished_tune_is_not_rerun_and_a_lost_report_comes_back_from_tunes_state(tuned, capsys):
+    out = tuned["out"]
+    best_before = (out / "best.json").read_text()
+    assert tune.cli(tuned["args"]) == 0
+    assert "already tuned with these settings" in capsys.readouterr().err
+
+    # Without best.json (as after a crash between Tune's end and the report) the rerun restores
+    # Tune's experiment, finds every trial finished, and writes the same report without training.
+    (out / "best.json").unlink()
+    checkpoints = sorted(path.name for path in (out / "train").rglob("checkpoint_*"))
+    assert tune.cli(tuned["args"]) == 0
+    assert "resuming the interrupted tune" in capsys.readouterr().err
+    assert (out / "best.json").read_text() == best_before
+    assert sorted(path.name for path in (out / "train").rglob("checkpoint_*")) == checkpoints
+
+
+def test_rerunning_into_the_run_with_other_settings_fails_with_one_line(tuned, capsys):
+    assert tune.cli([*tuned["args"], "--epochs", "3"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and re.search(r"holds a tune with other settings \(epochs differ\)", lines[0])
+
+
+def test_concurrent_trials_leave_room_for_workers_and_ray_data():
+    assert concurrent_trials(workers=1, use_gpu=False, cpus=4, gpus=0) == 1  # the test session's Ray
+    assert concurrent_trials(workers=1, use_gpu=False, cpus=16, gpus=0) == 5
+    assert concurrent_trials(workers=1, use_gpu=True, cpus=32, gpus=4) == 4
+    assert concurrent_trials(workers=2, use_gpu=True, cpus=32, gpus=4) == 2
+    assert concurrent_trials(workers=4, use_gpu=True, cpus=8, gpus=8) == 1
