@@ -168,10 +168,12 @@ def plain_training_epochs(cfg: BenchmarkConfig, train_cfg, images, labels, epoch
     from lib.backbones import build_model
     from lib.batching import balanced_batches
     from lib.losses import TripletObjective
+    from lib.precision import as_model_input, forward_context, prepare_for_bf16, uses_bf16
     from lib.training import make_optimizer
 
     torch.manual_seed(train_cfg.seed)
-    model = build_model(train_cfg.backbone, train_cfg.weights, train_cfg.embedding_dim)
+    bf16 = uses_bf16(train_cfg.precision, "cpu")  # the precision jobs.train's CPU worker runs in
+    model = prepare_for_bf16(build_model(train_cfg.backbone, train_cfg.weights, train_cfg.embedding_dim), bf16)
     optimizer, scheduler = make_optimizer(model, train_cfg, max(1, len(labels) // cfg.batch_size))
     objective = TripletObjective(train_cfg.margin, train_cfg.miner)
     rates = []
@@ -182,7 +184,9 @@ def plain_training_epochs(cfg: BenchmarkConfig, train_cfg, images, labels, epoch
                   for i in range(0, len(order), cfg.batch_size))
         started, count = time.perf_counter(), 0
         for batch in balanced_batches(stream, cfg.batch_size, train_cfg.samples_per_class, seed=epoch):
-            loss, _ = objective(model(normalize(batch["image"])), batch["label"])
+            with forward_context(torch.device("cpu"), bf16):
+                embeddings = model(as_model_input(normalize(batch["image"]), bf16))
+            loss, _ = objective(embeddings.float(), batch["label"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -213,7 +217,11 @@ def train_suite(cfg: BenchmarkConfig, work: Path) -> dict:
     labels = torch.from_numpy(split.labels[rows].astype(np.int64))
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)  # what jobs.train gives its single CPU worker
-    log(f"train suite: {cfg.backbone}, {len(labels)} images, batch {cfg.batch_size}, {threads} torch threads")
+    from lib.precision import uses_bf16
+
+    precision = "bf16" if uses_bf16(train_cfg.precision, "cpu") else "fp32"
+    log(f"train suite: {cfg.backbone}, {len(labels)} images, batch {cfg.batch_size}, {threads} torch threads, "
+        f"{precision}")
     before = plain_training_epochs(cfg, train_cfg, images, labels, cfg.epochs)
     init_ray()
     train.main(train_cfg)
@@ -225,6 +233,7 @@ def train_suite(cfg: BenchmarkConfig, work: Path) -> dict:
     ray_median = statistics.median(ray_rates[1:])
     return {
         "backbone": cfg.backbone, "images": len(labels), "batch_size": cfg.batch_size, "torch_threads": threads,
+        "precision": precision,
         "plain_images_per_s": [round(r, 1) for r in before + after],
         "ray_images_per_s": [round(r, 1) for r in ray_rates],
         "plain_median": round(plain, 1), "ray_median": round(ray_median, 1), "ratio": round(ray_median / plain, 2),

@@ -274,7 +274,7 @@ def embed_suite(rounds: int = 3, n_images: int = 4096, backbone: str = "resnet50
         return np.concatenate(chunks)
 
     def plain_loop() -> np.ndarray:
-        return embed_loop(load_embedding_model(source), images, image_size, batch_size)
+        return embed_loop(source, load_embedding_model(source), images, batch_size)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, os.cpu_count() or 1))

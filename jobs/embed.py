@@ -35,9 +35,12 @@ from lib.backbones import EmbeddingNet, build_model, check_backbones, fetch_imag
 from lib.dataset import MANIFEST, SPLITS, split_files, table_images
 from lib.errors import UserError
 from lib.io import read_json, write_json
+from lib.precision import as_model_input, forward_context, prepare_for_bf16, uses_bf16
 
 SOURCE_FILE = "source.json"
 FORMAT_VERSION = 1
+BLOCK_BATCHES = 4  # inference batches per Ray Data block
+PROGRESS_EVERY_S = 15
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class ModelSource:
     embedding_dim: int
     image_size: int
     seed: int = 0
+    precision: str = "auto"
     trained: bool = False
     baseline: bool = False
     checkpoint_sha256: str = ""
@@ -82,7 +86,8 @@ def data_fingerprint(data_dir: str | os.PathLike) -> str:
 
 
 def model_sources(run_dir: str | os.PathLike, backbones: tuple[str, ...], include_untrained: bool,
-                  weights: str, embedding_dim: int, image_size: int, seed: int) -> list[ModelSource]:
+                  weights: str, embedding_dim: int, image_size: int, seed: int,
+                  precision: str = "auto") -> list[ModelSource]:
     """The networks to evaluate: trained models in ``RUN/models/<b>/`` (complete = ``summary.json``),
     restricted to ``backbones`` when given; a listed backbone without a trained model is evaluated
     untrained (``weights``, ``embedding_dim``, ``image_size``); ``include_untrained`` adds each trained
@@ -98,17 +103,18 @@ def model_sources(run_dir: str | os.PathLike, backbones: tuple[str, ...], includ
     for backbone in backbones or tuple(trained):
         if backbone not in trained:
             sources.append(ModelSource(f"{backbone}-untrained", backbone, weights, embedding_dim, image_size, seed,
-                                       checkpoint_sha256=weights_sha256(weights)))
+                                       precision, checkpoint_sha256=weights_sha256(weights)))
             continue
         folder = models / backbone
         config = read_json(folder / "config.json")
         sources.append(ModelSource(backbone, backbone, str(folder / "model.pt"), int(config["embedding_dim"]),
-                                   int(config["image_size"]), int(config.get("seed", 0)), trained=True,
+                                   int(config["image_size"]), int(config.get("seed", 0)), precision, trained=True,
                                    checkpoint_sha256=file_sha256(folder / "model.pt")))
         if include_untrained:
             initial = str(config.get("weights", "none"))
             sources.append(ModelSource(f"{backbone}-untrained", backbone, initial, int(config["embedding_dim"]),
-                                       int(config["image_size"]), int(config.get("seed", 0)), baseline=True,
+                                       int(config["image_size"]), int(config.get("seed", 0)), precision,
+                                       baseline=True,
                                        checkpoint_sha256=weights_sha256(initial)))
     for source in sources:
         if source.weights == "imagenet":
@@ -123,25 +129,30 @@ def model_sources(run_dir: str | os.PathLike, backbones: tuple[str, ...], includ
 
 
 def load_embedding_model(source: ModelSource, device: str | torch.device = "cpu") -> EmbeddingNet:
-    """``source``'s network in eval mode on ``device``; ``weights="none"`` is the same network for the same seed."""
+    """``source``'s network in eval mode on ``device`` (channels-last when it runs in bf16, see
+    :func:`lib.precision.uses_bf16`); ``weights="none"`` is the same network for the same seed."""
     torch.manual_seed(source.seed)
-    return build_model(source.backbone, source.weights, source.embedding_dim).eval().to(device)
+    model = build_model(source.backbone, source.weights, source.embedding_dim).eval().to(device)
+    return prepare_for_bf16(model, uses_bf16(source.precision, device))
 
 
-def embed_images(model: EmbeddingNet, images: np.ndarray, image_size: int,
-                 device: torch.device | None = None) -> np.ndarray:
+def embed_images(model: EmbeddingNet, images: np.ndarray, image_size: int, device: torch.device | None = None,
+                 bf16: bool = False) -> np.ndarray:
     """(N, H, W, 3) uint8 -> (N, D) float32 unit vectors: resized to ``image_size``, ImageNet-normalised
-    as in training (lib.augment), one forward pass without gradients."""
+    as in training (lib.augment), one forward pass without gradients (under bf16 autocast when ``bf16``)."""
     device = device or torch.device("cpu")
     # uint8 crosses to the device (a quarter of float32's bytes), and the resize runs there
     batch = normalize(resize_batch(as_tensor(images).to(device, non_blocking=True), image_size))
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return model(batch).float().cpu().numpy()
+    with torch.inference_mode(), forward_context(device, bf16):
+        return model(as_model_input(batch, bf16)).float().cpu().numpy()
 
 
-def embed_loop(model: EmbeddingNet, images: np.ndarray, image_size: int, batch_size: int) -> np.ndarray:
-    """The plain-PyTorch path: :func:`embed_images` over ``images`` in batches, in this process."""
-    chunks = [embed_images(model, images[i:i + batch_size], image_size) for i in range(0, len(images), batch_size)]
+def embed_loop(source: ModelSource, model: EmbeddingNet, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """The plain-PyTorch path: :func:`embed_images` with ``source``'s model over ``images`` in batches, on
+    the CPU of this process."""
+    bf16 = uses_bf16(source.precision, "cpu")
+    chunks = [embed_images(model, images[i:i + batch_size], source.image_size, bf16=bf16)
+              for i in range(0, len(images), batch_size)]
     return np.concatenate(chunks) if chunks else np.zeros((0, model.embedding_dim), np.float32)
 
 
@@ -160,11 +171,12 @@ class EmbedBatches:
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // actors_per_node))
         self.models = [load_embedding_model(source, self.device) for source in self.sources]
+        self.bf16 = [uses_bf16(source.precision, self.device) for source in self.sources]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {key: value for key, value in batch.items() if key != "image"}
         for i, (source, model) in enumerate(zip(self.sources, self.models, strict=True)):
-            out[f"embedding_{i}"] = embed_images(model, batch["image"], source.image_size, self.device)
+            out[f"embedding_{i}"] = embed_images(model, batch["image"], source.image_size, self.device, self.bf16[i])
         return out
 
 
@@ -260,15 +272,23 @@ def ensure_embeddings(data_dir: str, run_dir: str, sources: list[ModelSource], b
     started = time.perf_counter()
     log(f"embedding every split with {', '.join(s.name for s in todo)} on {plan['actors']} "
         f"{'GPU' if plan['on_gpu'] else 'CPU'} actor(s)")
-    images = ray.data.read_parquet(files, include_paths=True).select_columns(["id", "image", "label", "path"])
+    # The Parquet reader packs many files into one block; blocks of a few batches keep every actor busy
+    # and let results (and the progress below) come back while the rest is still running.
+    images = (ray.data.read_parquet(files, include_paths=True).select_columns(["id", "image", "label", "path"])
+              .repartition(target_num_rows_per_block=BLOCK_BATCHES * batch_size))
     columns = ["id", "label", *(f"embedding_{i}" for i in range(len(todo)))]
     parts: dict[str, list[dict[str, np.ndarray]]] = {split: [] for split in SPLITS}
+    total, done, last_log = int(sum(read_json(Path(data_dir) / MANIFEST)["totals"].values())), 0, started
     for batch in embedding_dataset(images, todo, plan, batch_size).iter_batches(batch_size=None,
                                                                                 batch_format="numpy"):
         splits = np.array([Path(str(p)).parent.name for p in batch["path"]])  # DATA/<split>/part-*.parquet
         for split in np.unique(splits):
             keep = splits == split
             parts[str(split)].append({k: np.asarray(batch[k])[keep] for k in columns})
+        done += len(splits)
+        if time.perf_counter() - last_log > PROGRESS_EVERY_S or done == total:
+            last_log, rate = time.perf_counter(), done / (time.perf_counter() - started)
+            log(f"embedded {done}/{total} images ({rate:.0f} images/s, about {(total - done) / rate:.0f} s left)")
     merged = {}
     for split, chunks in parts.items():
         if not chunks:

@@ -37,6 +37,7 @@ from lib.config import option, to_dict
 from lib.dataset import read_manifest
 from lib.errors import UserError
 from lib.io import ensure_writable_dir, write_json
+from lib.precision import Precision
 from lib.report import (
     STACKED,
     best_model,
@@ -70,6 +71,8 @@ class EvaluateConfig:
     batch_size: int = option(256, help="images per inference batch")
     num_actors: int = option(0, help="embedding actors (0: one per GPU, else one per 8 CPUs)")
     use_gpu: Literal["auto", "true", "false"] = option("auto", help="GPUs for embedding and faiss when present")
+    precision: Precision = option("auto", help="auto: bf16 autocast + channels-last on GPUs and on CPUs with "
+                                               "native bf16 (AMX/AVX512-BF16), else fp32")
     tsne_points: int = option(10000, help="test points in the t-SNE and cluster maps (a seeded subset)")
     grid_queries: int = option(8, help="test queries in retrieval_grid.png")
     grid_k: int = option(8, help="train neighbours per query in retrieval_grid.png")
@@ -101,7 +104,7 @@ def main(cfg: EvaluateConfig) -> Path:
     manifest = read_manifest(cfg.data_dir)
     out = ensure_writable_dir(Path(cfg.run_dir) / "eval")
     sources = model_sources(cfg.run_dir, cfg.backbones, cfg.include_untrained, cfg.weights, cfg.embedding_dim,
-                            cfg.image_size, cfg.seed)
+                            cfg.image_size, cfg.seed, cfg.precision)
     fingerprint = data_fingerprint(cfg.data_dir)
     config = {**to_dict(cfg), "sources": {s.name: s.identity(fingerprint) for s in sources}}
     if finished(out, config):

@@ -82,10 +82,11 @@ def image_queries(paths: tuple[str, ...], source: dict, info: dict) -> tuple[np.
             raise UserError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
     classes = info["classes"]
     labels = np.array([classes.index(Path(p).parent.name) if Path(p).parent.name in classes else -1 for p in paths])
-    fields = {k: source[k] for k in ("name", "backbone", "weights", "embedding_dim", "image_size", "seed")}
-    model = load_embedding_model(ModelSource(**fields))
+    fields = {k: source[k] for k in ("name", "backbone", "weights", "embedding_dim", "image_size", "seed", "precision")
+              if k in source}
+    model_source = ModelSource(**fields)
     images = np.stack(pixels)
-    return images, labels, embed_loop(model, images, fields["image_size"], batch_size=64)
+    return images, labels, embed_loop(model_source, load_embedding_model(model_source), images, batch_size=64)
 
 
 def main(cfg: SearchConfig) -> Path:

@@ -35,6 +35,7 @@ from lib.dataset import split_files
 from lib.errors import UserError
 from lib.io import write_json
 from lib.losses import COLLAPSE_SPREAD, TripletObjective
+from lib.precision import as_model_input, forward_context, prepare_for_bf16, uses_bf16
 from lib.training import (
     METRIC,
     TrainConfig,
@@ -79,15 +80,15 @@ def _sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, shard, objective: TripletObjective, device: torch.device,
-             on_gpu: bool) -> dict[str, float]:
+             bf16: bool) -> dict[str, float]:
     """Val loss and val retrieval metrics over the whole val split (every rank's shard gathered)."""
     model.eval()
     embeddings, labels, loss_sum, batches = [], [], 0.0, 0
     for batch in shard.iter_torch_batches(batch_size=256):
         images = normalize(batch["image"].to(device, non_blocking=True))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
-            embedding = model(images.contiguous(memory_format=torch.channels_last) if on_gpu else images)
-        loss, _ = objective(embedding, batch["label"].to(device))
+        with forward_context(device, bf16):
+            embedding = model(as_model_input(images, bf16))
+        loss, _ = objective(embedding.float(), batch["label"].to(device))
         loss_sum, batches = loss_sum + loss.item(), batches + 1
         embeddings.append(embedding.float().cpu().numpy())
         labels.append(batch["label"].numpy())
@@ -114,9 +115,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sharing = ray.train.get_context().get_local_world_size() * config.get("trainers_per_node", 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharing))
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.backbone, cfg.weights, cfg.embedding_dim)
-    if on_gpu:
-        model = model.to(memory_format=torch.channels_last)
+    bf16 = uses_bf16(cfg.precision, device)
+    model = prepare_for_bf16(build_model(cfg.backbone, cfg.weights, cfg.embedding_dim), bf16)
     model = ray.train.torch.prepare_model(model)
     plain_model = model.module if hasattr(model, "module") else model
     steps_per_epoch = max(1, config["rows_per_worker"] // cfg.batch_size)
@@ -139,7 +139,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log(f"{cfg.backbone}: resuming after epoch {history[-1]['epoch']} from {checkpoint.path}")
     else:
-        history.append({"epoch": 0, **evaluate(plain_model, val_shard, objective, device, on_gpu)})
+        history.append({"epoch": 0, **evaluate(plain_model, val_shard, objective, device, bf16)})
         if rank == 0:
             log(f"{cfg.backbone}: untrained val mAP@5 {history[0][METRIC]:.3f}, P@5 {history[0]['val_p@5']:.3f}")
 
@@ -152,12 +152,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                 prefetch_batches=2)
         batches = balanced_batches(stream, cfg.batch_size, samples_per_class, seed=cfg.seed * 1000 + epoch * 10 + rank)
         for step, batch in enumerate(_all_have_batches(batches, device), start=1):
-            images = normalize(batch["image"].to(device, non_blocking=True))
-            if on_gpu:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            images = as_model_input(normalize(batch["image"].to(device, non_blocking=True)), bf16)
+            with forward_context(device, bf16):
                 embeddings = model(images)
-            loss, stats = objective(embeddings, batch["label"].to(device))
+            loss, stats = objective(embeddings.float(), batch["label"].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -174,7 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row = {"epoch": epoch, "train_loss": loss_sum / max(1, steps), "active_fraction": active / max(1, valid),
                "spread": spread / max(1, steps), "lr": scheduler.get_last_lr()[0], "steps": int(steps / world),
                "images_per_s": images / seconds, "epoch_seconds": seconds,
-               **evaluate(plain_model, val_shard, objective, device, on_gpu)}
+               **evaluate(plain_model, val_shard, objective, device, bf16)}
         if resumed_from is not None:  # the first epoch after a restart or a rerun says so in the metrics
             row["resumed_from"], resumed_from = resumed_from, None
         history.append(row)

@@ -137,8 +137,9 @@ def test_untrained_embeddings_are_reproducible(evaluated):
     from jobs.embed import ModelSource, embed_loop, load_embedding_model, read_embeddings, read_images_by_id
 
     ids, _, stored = read_embeddings(run, "vgg16-untrained", "test")
-    model = load_embedding_model(ModelSource("vgg16-untrained", "vgg16", "none", 128, 32, seed=0))
-    again = embed_loop(model, read_images_by_id(data, "test", list(ids[:4])), 32, batch_size=4)
+    source = ModelSource("vgg16-untrained", "vgg16", "none", 128, 32, seed=0)
+    again = embed_loop(source, load_embedding_model(source), read_images_by_id(data, "test", list(ids[:4])),
+                       batch_size=4)
     assert np.allclose(again, stored[:4], atol=1e-5)
 
 

@@ -1,0 +1,48 @@
+"""Precision choice: bf16 only where asked for or where the hardware runs it natively, and bf16
+embeddings rank like float32 ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib.backbones import build_model
+from lib.precision import as_model_input, cpu_has_native_bf16, forward_context, prepare_for_bf16, uses_bf16
+
+
+def test_explicit_precision_wins_over_hardware():
+    assert uses_bf16("fp32", "cpu") is False
+    assert uses_bf16("bf16", "cpu") is True
+
+
+def test_auto_on_cpu_follows_the_cpu_flags():
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set()
+    if cpuinfo.is_file():
+        flags = {f for line in cpuinfo.read_text().splitlines() if line.startswith("flags") for f in line.split()}
+    assert cpu_has_native_bf16() == bool(flags & {"amx_bf16", "avx512_bf16"})
+    assert uses_bf16("auto", torch.device("cpu")) == cpu_has_native_bf16()
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="fp16"):
+        uses_bf16("fp16", "cpu")
+
+
+def test_bf16_embeddings_keep_the_float32_neighbours():
+    """The same network in bf16 + channels-last gives nearly the same unit vectors and similarities."""
+    torch.manual_seed(0)
+    model = build_model("resnet50", "none", 32).eval()
+    images = torch.randn(64, 3, 32, 32)
+    with torch.inference_mode():
+        reference = model(images)
+        fast_model = prepare_for_bf16(model, True)
+        with forward_context(torch.device("cpu"), True):
+            fast = fast_model(as_model_input(images, True)).float()
+    cosine = torch.nn.functional.cosine_similarity(reference, fast)
+    assert cosine.min().item() > 0.99
+    # pairwise similarities, what retrieval ranks by, move by a small fraction of their spread
+    reference_sims, fast_sims = reference @ reference.T, fast @ fast.T
+    assert (reference_sims - fast_sims).abs().max() < 0.1 * (reference_sims.max() - reference_sims.min())
