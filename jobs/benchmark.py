@@ -1,6 +1,6 @@
 """Benchmarks: the project's Ray paths against plain single-process / plain PyTorch baselines.
 
-    python -m jobs.benchmark --suites prepare,inputs [--source imagefolder:PATH] [--work-dir DIR]
+    python -m jobs.benchmark --suites prepare,inputs,train,retrieval,tsne,embed [--source imagefolder:PATH] [--work-dir DIR]
 
 Every ratio compares two measurements taken in this one run on this one machine, so a noisy
 machine moves both. Suites interleave baseline and candidate rounds and report medians.
@@ -46,7 +46,8 @@ DEFAULT_SOURCE = "imagefolder:" + os.environ.get(
 class BenchmarkConfig:
     """Measure the Ray paths against plain baselines in one run and print the ratios."""
 
-    suites: tuple[str, ...] = option(("prepare", "inputs"), help="which suites to run: prepare, inputs, train")
+    suites: tuple[str, ...] = option(("prepare", "inputs"), help="which suites to run: prepare, inputs, train, "
+                                                                  "retrieval, tsne, embed")
     source: str = option(DEFAULT_SOURCE, help="image source to benchmark on (an imagefolder for 'prepare')")
     work_dir: str = option("", help="where to prepare data (default: a temporary folder, removed after)")
     rounds: int = option(5, help="measured rounds per side (after one warm-up round each)")
@@ -240,8 +241,53 @@ def train_suite(cfg: BenchmarkConfig, work: Path) -> dict:
     }
 
 
+def retrieval_suite(cfg: BenchmarkConfig, work: Path) -> dict:
+    from jobs.benchmark_eval import retrieval_suite as measure
+
+    return measure(rounds=min(cfg.rounds, 3))  # the scikit-learn loop side takes minutes per round
+
+
+def tsne_suite(cfg: BenchmarkConfig, work: Path) -> dict:
+    from jobs.benchmark_eval import tsne_suite as measure
+
+    return measure(rounds=1)  # scikit-learn's side alone takes about half a minute on 2 cores
+
+
+def embed_suite(cfg: BenchmarkConfig, work: Path) -> dict:
+    from jobs.benchmark_eval import embed_suite as measure
+
+    init_ray()
+    return measure(rounds=cfg.rounds, backbone=cfg.backbone)
+
+
 SUITES: dict[str, Callable[[BenchmarkConfig, Path], dict]] = {
-    "prepare": prepare_suite, "inputs": inputs_suite, "train": train_suite}
+    "prepare": prepare_suite, "inputs": inputs_suite, "train": train_suite, "retrieval": retrieval_suite,
+    "tsne": tsne_suite, "embed": embed_suite}
+
+
+def _retrieval_summary(r: dict) -> str:
+    return "; ".join(f"{dim[4:]}-d project/bare faiss {row['ratio_project_over_bare_faiss']}x, sklearn loop/project "
+                     f"{row['ratio_sklearn_loop_over_project']}x" for dim, row in r.items() if dim.startswith("dim_"))
+
+
+# One line per suite, printed after all suites ran (the JSON of each is printed as it finishes).
+SUMMARIES: dict[str, Callable[[dict], str]] = {
+    "prepare": lambda r: (f"{r['images']} images in {r['prepare_wall_seconds']} s wall (Ray start included); "
+                          f"{r['prepare_images_per_s_wall']:,}/s wall and {r['prepare_images_per_s_decode_write']:,}"
+                          f"/s decode+write vs plain PIL loop {r['plain_pil_images_per_s']:,}/s -> "
+                          f"{r['ratio_wall']}x wall, {r['ratio_decode_write']}x decode+write"),
+    "inputs": lambda r: (f"Ray Data {r['ray_median']} batches/s vs PyTorch DataLoader {r['torch_median']} "
+                         f"batches/s ({r['dataloader_workers']} workers) -> {r['ratio']}x"),
+    "train": lambda r: (f"{r['backbone']} {r['ray_median']} images/s through Ray Data + Ray Train vs plain PyTorch "
+                        f"loop on in-memory tensors {r['plain_median']} images/s ({r['torch_threads']} threads, "
+                        f"{r['precision']}) -> {r['ratio']}x"),
+    "retrieval": _retrieval_summary,
+    "tsne": lambda r: (f"{r['n']} points, project {r['project']['wall_s']} s vs scikit-learn "
+                       f"{r['sklearn']['wall_s']} s -> {r['speedup_wall']}x"),
+    "embed": lambda r: (f"{r['backbone']} Ray Data actor pool {r['ray_actor_pool']['images_per_s']} images/s vs "
+                        f"plain loop {r['plain_torch']['images_per_s']} images/s -> "
+                        f"{r['ratio_ray_over_plain_images_per_s']}x"),
+}
 
 
 def main(cfg: BenchmarkConfig) -> dict:
@@ -251,20 +297,8 @@ def main(cfg: BenchmarkConfig) -> dict:
         for name in cfg.suites:
             results[name] = SUITES[name](cfg, work)
             print(f"{name}: {json.dumps(results[name])}", flush=True)
-    if "prepare" in results:
-        r = results["prepare"]
-        print(f"prepare: {r['images']} images in {r['prepare_wall_seconds']} s wall (Ray start included); "
-              f"{r['prepare_images_per_s_wall']:,}/s wall and {r['prepare_images_per_s_decode_write']:,}/s "
-              f"decode+write vs plain PIL loop {r['plain_pil_images_per_s']:,}/s -> "
-              f"{r['ratio_wall']}x wall, {r['ratio_decode_write']}x decode+write")
-    if "inputs" in results:
-        r = results["inputs"]
-        print(f"inputs: Ray Data {r['ray_median']} batches/s vs PyTorch DataLoader {r['torch_median']} "
-              f"batches/s ({r['dataloader_workers']} workers) -> {r['ratio']}x")
-    if "train" in results:
-        r = results["train"]
-        print(f"train: {r['backbone']} {r['ray_median']} images/s through Ray Data + Ray Train vs plain PyTorch "
-              f"loop on in-memory tensors {r['plain_median']} images/s ({r['torch_threads']} threads) -> {r['ratio']}x")
+    for name in cfg.suites:
+        print(f"{name}: {SUMMARIES[name](results[name])}")
     if cfg.output:
         write_json(cfg.output, results)
     return results

@@ -1,0 +1,26 @@
+"""jobs.benchmark's command line: bad choices are one line + exit 2 before any work, and every suite
+has its summary line (a missing one would fail only after minutes of measuring)."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs import benchmark
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--suites", "prepare,nosuch"], "unknown benchmark suite(s) nosuch"),
+    (["--suites", "train", "--epochs", "1"], "--epochs must be at least 2"),
+    (["--suites", "tsne", "--rounds", "0"], "--rounds must be at least 1"),
+])
+def test_bad_choices_stop_with_one_line(argv, message, capsys):
+    assert benchmark.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_every_suite_has_a_summary_line():
+    assert set(benchmark.SUMMARIES) == set(benchmark.SUITES)
+    row = {"ratio_project_over_bare_faiss": 1.05, "ratio_sklearn_loop_over_project": 250.0}
+    line = benchmark.SUMMARIES["retrieval"]({"n_queries": 10, "dim_128": row, "dim_2048": row})
+    assert line.count("project/bare faiss 1.05x") == 2 and "2048-d" in line
