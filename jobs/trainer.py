@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -222,16 +223,29 @@ def model_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.run_dir).absolute() / "models" / cfg.backbone
 
 
+# Settings that do not change what a training run computes: a rerun that differs only in them is the same run.
+NOT_RESULT_KEYS = ("max_failures", "inject_failure", "storage")
+
+
+def _result_settings(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in NOT_RESULT_KEYS}
+
+
 def finished(cfg: TrainConfig) -> bool:
     """True when ``summary.json`` says this backbone was trained with exactly this resolved config."""
     try:
         summary = json.loads((model_dir(cfg) / "summary.json").read_text())
     except (OSError, ValueError):
         return False
-    ignore = ("max_failures", "inject_failure", "storage")
-    mine = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
-    theirs = {k: v for k, v in summary.get("config", {}).items() if k not in ignore}
-    return mine == theirs and (model_dir(cfg) / "model.pt").is_file()
+    return (_result_settings(to_dict(cfg)) == _result_settings(summary.get("config", {}))
+            and (model_dir(cfg) / "model.pt").is_file())
+
+
+def train_run_name(cfg: TrainConfig) -> str:
+    """Ray Train's run name for ``cfg``: ``<backbone>-<digest of the resolved config>``. An interrupted run
+    resumes from its checkpoints only when rerun with the same config; a changed one starts afresh."""
+    settings = json.dumps(_result_settings(to_dict(cfg)), sort_keys=True, default=str)
+    return f"{cfg.backbone}-{hashlib.sha256(settings.encode()).hexdigest()[:10]}"
 
 
 def _ids_and_labels(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -246,8 +260,9 @@ def fit_backbone(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_per
     """
     out = model_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)  # an earlier config's outputs are stale from here on
     trainer = build_trainer(cfg, use_gpu, num_classes, trainers_per_node,
-                            name=cfg.backbone, storage=cfg.storage or str(out.parent))
+                            name=train_run_name(cfg), storage=cfg.storage or str(out))
     started = time.perf_counter()
     result = trainer.fit()
     return write_outputs(cfg, result, time.perf_counter() - started)
