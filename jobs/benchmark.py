@@ -256,7 +256,6 @@ def tsne_suite(cfg: BenchmarkConfig, work: Path) -> dict:
 def embed_suite(cfg: BenchmarkConfig, work: Path) -> dict:
     from jobs.benchmark_eval import embed_suite as measure
 
-    init_ray()
     return measure(rounds=cfg.rounds, backbone=cfg.backbone)
 
 

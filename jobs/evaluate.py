@@ -37,7 +37,7 @@ from lib.config import option, to_dict
 from lib.dataset import read_manifest
 from lib.errors import UserError
 from lib.io import ensure_writable_dir, write_json
-from lib.precision import Precision
+from lib.precision import PRECISION_HELP, Precision
 from lib.report import (
     STACKED,
     best_model,
@@ -71,8 +71,7 @@ class EvaluateConfig:
     batch_size: int = option(256, help="images per inference batch")
     num_actors: int = option(0, help="embedding actors (0: one per GPU, else one per 8 CPUs)")
     use_gpu: Literal["auto", "true", "false"] = option("auto", help="GPUs for embedding and faiss when present")
-    precision: Precision = option("auto", help="auto: bf16 autocast + channels-last on GPUs and on CPUs with "
-                                               "native bf16 (AMX/AVX512-BF16), else fp32")
+    precision: Precision = option("auto", help=PRECISION_HELP)
     tsne_points: int = option(10000, help="test points in the t-SNE and cluster maps (a seeded subset)")
     grid_queries: int = option(8, help="test queries in retrieval_grid.png")
     grid_k: int = option(8, help="train neighbours per query in retrieval_grid.png")

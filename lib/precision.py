@@ -17,6 +17,7 @@ import torch
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+PRECISION_HELP = "auto: bf16 autocast + channels-last on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32"
 
 
 @functools.cache

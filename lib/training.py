@@ -21,7 +21,7 @@ from lib.backbones import check_backbones
 from lib.config import from_dict, option
 from lib.errors import UserError
 from lib.losses import Miner
-from lib.precision import Precision
+from lib.precision import PRECISION_HELP, Precision
 
 Preset = Literal["smoke", "quick", "full"]
 
@@ -65,8 +65,7 @@ class TrainConfig:
     hparams: str = option("", help="best.json from jobs.tune: overrides margin, lr and the other tuned keys")
     num_workers: int | None = option(None, help="Ray Train workers per backbone (default: 1, or GPUs/backbones)")
     use_gpu: Literal["auto", "true", "false"] = option("auto", help="auto uses GPUs when the cluster has them")
-    precision: Precision = option("auto", help="auto: bf16 autocast + channels-last on GPUs and on CPUs with "
-                                               "native bf16 (AMX/AVX512-BF16), else fp32")
+    precision: Precision = option("auto", help=PRECISION_HELP)
     image_size: int | None = option(None, help="input side in pixels: 32 native, 128/224 for ImageNet weights")
     embedding_dim: int | None = option(None, help="embedding size D")
     epochs: int | None = option(None, help="maximum epochs")
