@@ -18,10 +18,13 @@ from lib.retrieval import drop_self_matches, l2_normalize
 # and the numpy FFT on it dominates each iteration. Measured on 10k x 128 (jobs.benchmark_eval's
 # tsne suite): a quarter less time, the same kNN preservation and trustworthiness as the default
 # and as scikit-learn's TSNE. Coarser grids (2 map units per interval) lost neighbour preservation.
+# Iterations after the exaggeration phase: the map keeps expanding, so each late iteration costs more (a
+# larger FFT grid). Measured on the same data: iterations 375-500 took 8.7 of the 18 s, lowered the KL
+# divergence by 0.8 % (4.222 -> 4.190) and left trustworthiness@10 and 2-D class kNN accuracy unchanged.
 PERPLEXITY = 30.0
 EARLY_EXAGGERATION_ITERATIONS = 250
 EARLY_EXAGGERATION = 12.0
-ITERATIONS = 500
+ITERATIONS = 375
 MIN_INTERVALS = 20
 INTS_IN_INTERVAL = 1.0
 
