@@ -161,19 +161,19 @@ def _prepared(cfg: BenchmarkConfig, work: Path) -> Path:
     return data_dir
 
 
-def plain_training_epochs(cfg: BenchmarkConfig, train_cfg, images, labels, epochs: int) -> list[float]:
-    """Images/s of each epoch of a plain PyTorch triplet training loop over in-memory uint8 tensors."""
+def plain_training_epochs(cfg: BenchmarkConfig, train_cfg, images, labels, epochs: int, bf16: bool) -> list[float]:
+    """Images/s of each epoch of a plain PyTorch triplet training loop over in-memory uint8 tensors
+    (in bf16 when ``bf16``, as jobs.train's CPU worker runs)."""
     import torch
 
     from lib.augment import normalize
     from lib.backbones import build_model
     from lib.batching import balanced_batches
     from lib.losses import TripletObjective
-    from lib.precision import as_model_input, forward_context, prepare_for_bf16, uses_bf16
+    from lib.precision import forward, prepare_for_bf16
     from lib.training import make_optimizer
 
     torch.manual_seed(train_cfg.seed)
-    bf16 = uses_bf16(train_cfg.precision, "cpu")  # the precision jobs.train's CPU worker runs in
     model = prepare_for_bf16(build_model(train_cfg.backbone, train_cfg.weights, train_cfg.embedding_dim), bf16)
     optimizer, scheduler = make_optimizer(model, train_cfg, max(1, len(labels) // cfg.batch_size))
     objective = TripletObjective(train_cfg.margin, train_cfg.miner)
@@ -185,9 +185,7 @@ def plain_training_epochs(cfg: BenchmarkConfig, train_cfg, images, labels, epoch
                   for i in range(0, len(order), cfg.batch_size))
         started, count = time.perf_counter(), 0
         for batch in balanced_batches(stream, cfg.batch_size, train_cfg.samples_per_class, seed=epoch):
-            with forward_context(torch.device("cpu"), bf16):
-                embeddings = model(as_model_input(normalize(batch["image"]), bf16))
-            loss, _ = objective(embeddings.float(), batch["label"])
+            loss, _ = objective(forward(model, normalize(batch["image"]), bf16), batch["label"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -220,16 +218,17 @@ def train_suite(cfg: BenchmarkConfig, work: Path) -> dict:
     torch.set_num_threads(threads)  # what jobs.train gives its single CPU worker
     from lib.precision import uses_bf16
 
-    precision = "bf16" if uses_bf16(train_cfg.precision, "cpu") else "fp32"
+    bf16 = uses_bf16(train_cfg.precision, "cpu")  # the precision jobs.train's CPU worker runs in
+    precision = "bf16" if bf16 else "fp32"
     log(f"train suite: {cfg.backbone}, {len(labels)} images, batch {cfg.batch_size}, {threads} torch threads, "
         f"{precision}")
-    before = plain_training_epochs(cfg, train_cfg, images, labels, cfg.epochs)
+    before = plain_training_epochs(cfg, train_cfg, images, labels, cfg.epochs, bf16)
     init_ray()
     train.main(train_cfg)
     history = [json.loads(line) for line in
                (Path(train_cfg.run_dir) / "models" / cfg.backbone / "metrics.jsonl").read_text().splitlines()]
     ray_rates = [row["images_per_s"] for row in history if row["epoch"] >= 1]
-    after = plain_training_epochs(cfg, train_cfg, images, labels, cfg.epochs)
+    after = plain_training_epochs(cfg, train_cfg, images, labels, cfg.epochs, bf16)
     plain = statistics.median(before[1:] + after[1:])
     ray_median = statistics.median(ray_rates[1:])
     return {

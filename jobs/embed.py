@@ -35,7 +35,7 @@ from lib.backbones import EmbeddingNet, build_model, check_backbones, fetch_imag
 from lib.dataset import MANIFEST, SPLITS, split_files, table_images
 from lib.errors import UserError
 from lib.io import read_json, write_json
-from lib.precision import as_model_input, forward_context, prepare_for_bf16, uses_bf16
+from lib.precision import forward, prepare_for_bf16, uses_bf16
 
 SOURCE_FILE = "source.json"
 FORMAT_VERSION = 1
@@ -143,8 +143,8 @@ def embed_images(model: EmbeddingNet, images: np.ndarray, image_size: int, devic
     device = device or torch.device("cpu")
     # uint8 crosses to the device (a quarter of float32's bytes), and the resize runs there
     batch = normalize(resize_batch(as_tensor(images).to(device, non_blocking=True), image_size))
-    with torch.inference_mode(), forward_context(device, bf16):
-        return model(as_model_input(batch, bf16)).float().cpu().numpy()
+    with torch.inference_mode():
+        return forward(model, batch, bf16).cpu().numpy()
 
 
 def embed_loop(source: ModelSource, model: EmbeddingNet, images: np.ndarray, batch_size: int) -> np.ndarray:

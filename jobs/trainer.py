@@ -36,7 +36,7 @@ from lib.dataset import split_files
 from lib.errors import UserError
 from lib.io import write_json
 from lib.losses import COLLAPSE_SPREAD, TripletObjective
-from lib.precision import as_model_input, forward_context, prepare_for_bf16, uses_bf16
+from lib.precision import forward, prepare_for_bf16, uses_bf16
 from lib.training import (
     METRIC,
     TrainConfig,
@@ -87,11 +87,10 @@ def evaluate(model: torch.nn.Module, shard, objective: TripletObjective, device:
     embeddings, labels, loss_sum, batches = [], [], 0.0, 0
     for batch in shard.iter_torch_batches(batch_size=256):
         images = normalize(batch["image"].to(device, non_blocking=True))
-        with forward_context(device, bf16):
-            embedding = model(as_model_input(images, bf16))
-        loss, _ = objective(embedding.float(), batch["label"].to(device))
+        embedding = forward(model, images, bf16)
+        loss, _ = objective(embedding, batch["label"].to(device))
         loss_sum, batches = loss_sum + loss.item(), batches + 1
-        embeddings.append(embedding.float().cpu().numpy())
+        embeddings.append(embedding.cpu().numpy())
         labels.append(batch["label"].numpy())
     local = (np.concatenate(embeddings) if embeddings else np.zeros((0, 1), np.float32),
              np.concatenate(labels) if labels else np.zeros(0, np.int64))
@@ -153,10 +152,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                 prefetch_batches=2)
         batches = balanced_batches(stream, cfg.batch_size, samples_per_class, seed=cfg.seed * 1000 + epoch * 10 + rank)
         for step, batch in enumerate(_all_have_batches(batches, device), start=1):
-            images = as_model_input(normalize(batch["image"].to(device, non_blocking=True)), bf16)
-            with forward_context(device, bf16):
-                embeddings = model(images)
-            loss, stats = objective(embeddings.float(), batch["label"].to(device))
+            images = normalize(batch["image"].to(device, non_blocking=True))
+            loss, stats = objective(forward(model, images, bf16), batch["label"].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -8,14 +8,13 @@ stay float32 (autocast), and embeddings leave the model as float32.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 Precision = Literal["auto", "fp32", "bf16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 PRECISION_HELP = "auto: bf16 autocast + channels-last on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32"
 
@@ -51,11 +50,10 @@ def prepare_for_bf16(model: torch.nn.Module, bf16: bool) -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last) if bf16 else model
 
 
-def forward_context(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on ``device`` when ``bf16``, else a no-op context."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
-def as_model_input(images: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """(N, 3, S, S) float images laid out to match :func:`prepare_for_bf16`'s model."""
-    return images.contiguous(memory_format=torch.channels_last) if bf16 else images
+def forward(model: torch.nn.Module, images: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """``model(images)`` for (N, 3, S, S) float images, as float32; when ``bf16``, under bf16 autocast on the
+    images' device with channels-last input (to match :func:`prepare_for_bf16`'s model)."""
+    if not bf16:
+        return model(images)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16):
+        return model(images.contiguous(memory_format=torch.channels_last)).float()
