@@ -2,7 +2,7 @@
 
     python -c "from jobs.benchmark_eval import retrieval_suite; print(retrieval_suite())"
     python -c "from jobs.benchmark_eval import tsne_suite; print(tsne_suite())"
-    python -c "from jobs.benchmark_eval import embed_suite; print(embed_suite())"
+    python -c "from jobs.benchmark_eval import embed_suite; print(embed_suite('DATA'))"
 
 Both sides of every ratio are measured in the same run on the same data, interleaved round by round,
 and medians are reported, so a busy machine slows both. CPU seconds (all threads of this process)
@@ -16,10 +16,12 @@ are reported next to wall seconds: on a shared machine they move less with other
   queries and extrapolated linearly to all of them; the output says so.
 - ``tsne_suite``: ``lib.clustering.tsne_2d`` against scikit-learn's ``TSNE`` (defaults, seeded)
   on the same 10k x 128 data, with quality figures for both maps.
-- ``embed_suite``: images/s of jobs.evaluate's embedding path (Ray Data, an actor pool of
-  ``jobs.embed.EmbedBatches``) against a plain ``torch.no_grad`` loop in this process over the same
-  in-memory images, with the same network, batch size and torch threads. Each round of either side
-  builds the model, as a job run does; the Ray side also pays its actor's start-up.
+- ``embed_suite``: images/s of jobs.evaluate's embedding stage (``jobs.embed.stream_embeddings``:
+  Ray Data reads every split of a prepared DATA and streams it through an actor pool of
+  ``jobs.embed.EmbedBatches``) against a plain ``torch.inference_mode`` loop in this process that
+  reads the same splits with pyarrow and embeds them with the same networks, batch size, precision
+  and torch threads. Each round of either side builds the networks and reads the data, as a job run
+  does; the Ray side also pays its actors' start-up.
 """
 
 from __future__ import annotations
@@ -238,43 +240,44 @@ def tsne_suite(rounds: int = 1, n: int = 10_000, dim: int = 128, spread: float |
     return results
 
 
-def _rows_sorted(vectors: np.ndarray) -> np.ndarray:
-    """Rows in lexicographic order: Ray Data need not return rows in input order, so compare sets of rows."""
-    return vectors[np.lexsort(vectors.T[::-1])]
+def embed_suite(data_dir: str | Path, rounds: int = 3, backbones: tuple[str, ...] = ("resnet50",),
+                image_size: int = 32, batch_size: int = 256, embedding_dim: int = 128) -> dict:
+    """Embedding throughput of a whole prepared DATA (every split): the job's Ray Data actor-pool pass vs a
+    plain PyTorch loop, interleaved ``rounds``, each side once per round.
 
-
-def embed_suite(rounds: int = 3, n_images: int = 4096, backbone: str = "resnet50", image_size: int = 32,
-                batch_size: int = 256, embedding_dim: int = 128, actors: int = 1) -> dict:
-    """Embedding throughput: the Ray Data actor-pool path vs a plain PyTorch loop, interleaved ``rounds``.
-
-    ``n_images`` seeded random 32x32 RGB images sit in memory on both sides (in Ray's object store,
-    put there once before timing, for the Ray side). Both sides use ``backbone`` with seeded random
-    weights and ``batch_size``; the loop runs with as many torch threads as the Ray side's actors
-    together (``os.cpu_count()``). Reports median wall seconds, images/s, the ratio Ray / plain, and
-    the largest difference between the two sides' embeddings (they compute the same function).
+    Both sides embed every image with every network in ``backbones`` (seeded random weights, the same
+    on both sides), on the GPU when Ray's actors get one, else on the CPU with as many torch threads
+    as the Ray side's actors together (``os.cpu_count()``). Reports median wall seconds,
+    embeddings/s (images x networks), the ratio Ray / plain, and the largest difference between the
+    two sides' vectors for the same ids (same function; bf16 sums in another order differ a little).
     """
     import os
 
     import ray
     import torch
 
-    from jobs.embed import ModelSource, actor_plan, embed_loop, embedding_dataset, load_embedding_model
+    from jobs.embed import ModelSource, actor_plan, embed_loop, load_embedding_model, stream_embeddings
     from jobs.runtime import init_ray
+    from lib.dataset import SPLITS, read_split
 
     init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
-    images = np.random.default_rng(0).integers(0, 256, (n_images, 32, 32, 3), dtype=np.uint8)
-    source = ModelSource("benchmark", backbone, "none", embedding_dim, image_size)
-    stored = ray.data.from_numpy(images).rename_columns({"data": "image"}).materialize()
-    plan = actor_plan("auto", actors)
+    sources = [ModelSource(f"benchmark-{b}", b, "none", embedding_dim, image_size) for b in backbones]
+    plan = actor_plan("auto")
+    device = torch.device("cuda" if plan["on_gpu"] else "cpu")
 
-    def through_ray() -> np.ndarray:
-        chunks = [batch["embedding_0"] for batch in embedding_dataset(stored, [source], plan, batch_size)
-                  .iter_batches(batch_size=None, batch_format="numpy")]
-        return np.concatenate(chunks)
+    def through_ray() -> dict[str, dict[str, np.ndarray]]:
+        return stream_embeddings(data_dir, sources, plan, batch_size)
 
-    def plain_loop() -> np.ndarray:
-        return embed_loop(source, load_embedding_model(source), images, batch_size)
+    def plain_loop() -> dict[str, dict[str, np.ndarray]]:
+        models = [load_embedding_model(source, device) for source in sources]
+        out = {}
+        for split in SPLITS:
+            arrays = read_split(data_dir, split)
+            out[split] = {"id": arrays.ids, "label": arrays.labels}
+            for i, (source, model) in enumerate(zip(sources, models, strict=True)):
+                out[split][f"embedding_{i}"] = embed_loop(source, model, arrays.images, batch_size, device)
+        return out
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -282,14 +285,24 @@ def embed_suite(rounds: int = 3, n_images: int = 4096, backbone: str = "resnet50
         wall, cpu, values = _interleave({"ray_actor_pool": through_ray, "plain_torch": plain_loop}, rounds)
     finally:
         torch.set_num_threads(threads)
-    ray_rows, plain_rows = np.asarray(values["ray_actor_pool"]), np.asarray(values["plain_torch"])
-    results: dict = {"n_images": n_images, "backbone": backbone, "image_size": image_size,
+    ray_out, plain_out = values["ray_actor_pool"], values["plain_torch"]
+    images = sum(len(plain_out[split]["id"]) for split in SPLITS)
+    diff = 0.0
+    for split in SPLITS:
+        ray_order = np.argsort(ray_out[split]["id"].astype(str))
+        plain_order = np.argsort(plain_out[split]["id"].astype(str))
+        if not np.array_equal(ray_out[split]["id"][ray_order], plain_out[split]["id"][plain_order]):
+            raise RuntimeError(f"the two sides embedded different rows of split {split}")
+        for i in range(len(sources)):
+            key = f"embedding_{i}"
+            diff = max(diff, float(np.abs(ray_out[split][key][ray_order] - plain_out[split][key][plain_order]).max()))
+    results: dict = {"images": images, "backbones": list(backbones), "image_size": image_size,
                      "batch_size": batch_size, "rounds": rounds, "actors": plan["actors"],
                      "device": "GPU" if plan["on_gpu"] else "CPU", "torch_threads": os.cpu_count(),
-                     "max_abs_diff": round(float(np.abs(_rows_sorted(ray_rows) - _rows_sorted(plain_rows)).max()), 6)}
+                     "max_abs_diff": round(diff, 6)}
     for name in ("ray_actor_pool", "plain_torch"):
         results[name] = {"wall_s": _median(wall[name]), "cpu_s_driver": _median(cpu[name]),
-                         "images_per_s": round(n_images / statistics.median(wall[name]), 1)}
-    results["ratio_ray_over_plain_images_per_s"] = round(
-        results["ray_actor_pool"]["images_per_s"] / results["plain_torch"]["images_per_s"], 3)
+                         "embeddings_per_s": round(images * len(sources) / statistics.median(wall[name]), 1)}
+    results["ratio_ray_over_plain"] = round(
+        results["ray_actor_pool"]["embeddings_per_s"] / results["plain_torch"]["embeddings_per_s"], 3)
     return results

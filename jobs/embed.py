@@ -39,7 +39,6 @@ from lib.precision import forward, prepare_for_bf16, uses_bf16
 
 SOURCE_FILE = "source.json"
 FORMAT_VERSION = 1
-BLOCK_BATCHES = 4  # inference batches per Ray Data block
 PROGRESS_EVERY_S = 15
 
 
@@ -147,11 +146,13 @@ def embed_images(model: EmbeddingNet, images: np.ndarray, image_size: int, devic
         return forward(model, batch, bf16).cpu().numpy()
 
 
-def embed_loop(source: ModelSource, model: EmbeddingNet, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """The plain-PyTorch path: :func:`embed_images` with ``source``'s model over ``images`` in batches, on
-    the CPU of this process."""
-    bf16 = uses_bf16(source.precision, "cpu")
-    chunks = [embed_images(model, images[i:i + batch_size], source.image_size, bf16=bf16)
+def embed_loop(source: ModelSource, model: EmbeddingNet, images: np.ndarray, batch_size: int,
+               device: str | torch.device = "cpu") -> np.ndarray:
+    """The plain-PyTorch path: :func:`embed_images` with ``source``'s model (on ``device``) over
+    ``images`` in batches, in this process."""
+    device = torch.device(device)
+    bf16 = uses_bf16(source.precision, device)
+    chunks = [embed_images(model, images[i:i + batch_size], source.image_size, device, bf16)
               for i in range(0, len(images), batch_size)]
     return np.concatenate(chunks) if chunks else np.zeros((0, model.embedding_dim), np.float32)
 
@@ -193,6 +194,31 @@ def actor_plan(use_gpu: str, num_actors: int = 0) -> dict[str, Any]:
             "actors": actors, "actors_per_node": math.ceil(actors / nodes), "on_gpu": on_gpu}
 
 
+def read_prepared(data_dir: str | os.PathLike, readers: int = 1) -> ray.data.Dataset:
+    """Every split of a prepared DATA as a Ray dataset of ``id``, ``image``, ``label``, ``split``: one block
+    per Parquet file, read by at most ``readers`` tasks at a time.
+
+    The files are known from the manifest, so there is no listing or metadata pass, and the ``split``
+    column comes with the rows. Reading takes a fraction of the embedding's CPU: ``num_cpus=0.5`` says so,
+    and, differing from the actors' request, keeps Ray Data from fusing it into the actor stage (which would
+    bundle the one-row file entries into one task and stream nothing).
+    """
+    files = [{"split": split, "file": f} for split in SPLITS for f in split_files(data_dir, split)]
+    return ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
+        _read_files, batch_size=1, batch_format="numpy", num_cpus=0.5, concurrency=max(1, readers))
+
+
+def _read_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    columns: dict[str, list[np.ndarray]] = {"id": [], "image": [], "label": [], "split": []}
+    for split, path in zip(batch["split"], batch["file"], strict=True):
+        table = pq.read_table(str(path), columns=["id", "image", "label"])
+        columns["id"].append(np.asarray(table.column("id").to_pylist(), dtype=object))
+        columns["image"].append(table_images(table))
+        columns["label"].append(table.column("label").to_numpy())
+        columns["split"].append(np.full(len(table), str(split), dtype=object))
+    return {key: np.concatenate(parts) for key, parts in columns.items()}
+
+
 def embedding_dataset(images: ray.data.Dataset, sources: list[ModelSource], plan: dict[str, Any],
                       batch_size: int) -> ray.data.Dataset:
     """``images`` (an ``image`` column, any others) -> the same rows with ``embedding_<i>`` instead of ``image``."""
@@ -200,6 +226,37 @@ def embedding_dataset(images: ray.data.Dataset, sources: list[ModelSource], plan
                               num_gpus=plan["num_gpus"], num_cpus=plan["num_cpus"],
                               fn_constructor_kwargs={"sources": [dataclasses.asdict(s) for s in sources],
                                                      "actors_per_node": plan["actors_per_node"]})
+
+
+def stream_embeddings(data_dir: str | os.PathLike, sources: list[ModelSource], plan: dict[str, Any],
+                      batch_size: int) -> dict[str, dict[str, np.ndarray]]:
+    """Embed every split of ``data_dir`` with every source in one streaming pass (Ray Data actor pool).
+
+    Returns ``{split: {"id", "label", "embedding_<i>"}}`` (rows in arrival order) and logs progress every
+    ``PROGRESS_EVERY_S`` seconds.
+    """
+    columns = ["id", "label", *(f"embedding_{i}" for i in range(len(sources)))]
+    parts: dict[str, list[dict[str, np.ndarray]]] = {split: [] for split in SPLITS}
+    total = int(sum(read_json(Path(data_dir) / MANIFEST)["totals"].values()))
+    started = last_log = time.perf_counter()
+    done = 0
+    images = read_prepared(data_dir, readers=plan["actors"])
+    for batch in embedding_dataset(images, sources, plan, batch_size).iter_batches(batch_size=None,
+                                                                                   batch_format="numpy"):
+        splits = np.asarray(batch["split"])
+        for split in np.unique(splits):
+            keep = splits == split
+            parts[str(split)].append({k: np.asarray(batch[k])[keep] for k in columns})
+        done += len(splits)
+        if time.perf_counter() - last_log > PROGRESS_EVERY_S or done == total:
+            last_log, rate = time.perf_counter(), done / (time.perf_counter() - started)
+            log(f"embedded {done}/{total} images ({rate:.0f} images/s, about {(total - done) / rate:.0f} s left)")
+    merged = {}
+    for split, chunks in parts.items():
+        if not chunks:
+            raise RuntimeError(f"no rows came back for split {split}")
+        merged[split] = {k: np.concatenate([c[k] for c in chunks]) for k in columns}
+    return merged
 
 
 # --------------------------------------------------------------------------- files
@@ -265,35 +322,13 @@ def ensure_embeddings(data_dir: str, run_dir: str, sources: list[ModelSource], b
     if not todo:
         return []
     plan = actor_plan(use_gpu, num_actors)
-    files = [f for split in SPLITS for f in split_files(data_dir, split)]
     for source in todo:
         embeddings_dir(run_dir, source.name).mkdir(parents=True, exist_ok=True)
         (embeddings_dir(run_dir, source.name) / SOURCE_FILE).unlink(missing_ok=True)  # stale until rewritten
     started = time.perf_counter()
     log(f"embedding every split with {', '.join(s.name for s in todo)} on {plan['actors']} "
         f"{'GPU' if plan['on_gpu'] else 'CPU'} actor(s)")
-    # The Parquet reader packs many files into one block; blocks of a few batches keep every actor busy
-    # and let results (and the progress below) come back while the rest is still running.
-    images = (ray.data.read_parquet(files, include_paths=True).select_columns(["id", "image", "label", "path"])
-              .repartition(target_num_rows_per_block=BLOCK_BATCHES * batch_size))
-    columns = ["id", "label", *(f"embedding_{i}" for i in range(len(todo)))]
-    parts: dict[str, list[dict[str, np.ndarray]]] = {split: [] for split in SPLITS}
-    total, done, last_log = int(sum(read_json(Path(data_dir) / MANIFEST)["totals"].values())), 0, started
-    for batch in embedding_dataset(images, todo, plan, batch_size).iter_batches(batch_size=None,
-                                                                                batch_format="numpy"):
-        splits = np.array([Path(str(p)).parent.name for p in batch["path"]])  # DATA/<split>/part-*.parquet
-        for split in np.unique(splits):
-            keep = splits == split
-            parts[str(split)].append({k: np.asarray(batch[k])[keep] for k in columns})
-        done += len(splits)
-        if time.perf_counter() - last_log > PROGRESS_EVERY_S or done == total:
-            last_log, rate = time.perf_counter(), done / (time.perf_counter() - started)
-            log(f"embedded {done}/{total} images ({rate:.0f} images/s, about {(total - done) / rate:.0f} s left)")
-    merged = {}
-    for split, chunks in parts.items():
-        if not chunks:
-            raise RuntimeError(f"no rows came back for split {split}")
-        merged[split] = {k: np.concatenate([c[k] for c in chunks]) for k in columns}
+    merged = stream_embeddings(data_dir, todo, plan, batch_size)
     for i, source in enumerate(todo):
         folder = embeddings_dir(run_dir, source.name)
         for split, table in merged.items():

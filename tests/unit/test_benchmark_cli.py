@@ -12,6 +12,7 @@ from jobs import benchmark
     (["--suites", "prepare,nosuch"], "unknown benchmark suite(s) nosuch"),
     (["--suites", "train", "--epochs", "1"], "--epochs must be at least 2"),
     (["--suites", "tsne", "--rounds", "0"], "--rounds must be at least 1"),
+    (["--suites", "embed", "--embed-backbones", "resnet50,alexnet"], "unknown backbone"),
 ])
 def test_bad_choices_stop_with_one_line(argv, message, capsys):
     assert benchmark.cli(argv) == 2
