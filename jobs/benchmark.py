@@ -265,9 +265,11 @@ def tsne_suite(cfg: BenchmarkConfig, work: Path) -> dict:
 def embed_suite(cfg: BenchmarkConfig, work: Path) -> dict:
     from jobs.benchmark_eval import embed_suite as measure
 
+    data_dir = _prepared(cfg, work)
+    stored_size = int(complete_manifest(data_dir)["image_shape"][0])
     # a round embeds the whole DATA (60k CIFAR-10 images) once per side: about a minute per network here
-    return measure(_prepared(cfg, work), rounds=min(cfg.rounds, 3), backbones=cfg.embed_backbones,
-                   image_size=cfg.image_size or 32)
+    return measure(data_dir, rounds=min(cfg.rounds, 3), backbones=cfg.embed_backbones,
+                   image_size=cfg.image_size or stored_size)
 
 
 SUITES: dict[str, Callable[[BenchmarkConfig, Path], dict]] = {
