@@ -69,7 +69,7 @@ class EvaluateConfig:
     embedding_dim: int = option(128, help="embedding size D of untrained networks without a training config")
     image_size: int = option(32, help="input side of untrained networks without a training config")
     batch_size: int = option(256, help="images per inference batch")
-    num_actors: int = option(0, help="embedding actors (0: one per GPU, else one per 8 CPUs)")
+    num_actors: int = option(0, help="embedding actors (0: one per GPU, else one per core, up to 8 per node)")
     use_gpu: Literal["auto", "true", "false"] = option("auto", help="GPUs for embedding and faiss when present")
     precision: Precision = option("auto", help=PRECISION_HELP)
     tsne_points: int = option(10000, help="test points in the t-SNE and cluster maps (a seeded subset)")

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from jobs import evaluate, prepare
-from jobs.embed import model_sources
+from jobs.embed import MAX_CPU_ACTORS_PER_NODE, actor_plan, cpu_actors_per_node, model_sources
 from lib.backbones import build_model
 from lib.dataset import SPLITS, read_manifest
 from lib.errors import UserError
@@ -200,3 +201,24 @@ def test_trained_models_are_found_with_their_config_and_untrained_companions(tmp
     assert untrained.weights == "none" and untrained.image_size == 48
     mixed = model_sources(tmp_path / "run", ("vgg16", "resnet50"), False, "none", 128, 32, 0)
     assert [(s.name, s.trained) for s in mixed] == [("vgg16", True), ("resnet50-untrained", False)]
+
+
+@pytest.mark.parametrize(("node_cpus", "cores", "expected"), [
+    (4, 2, 2),     # a local Ray on 2 cores advertises 4 logical CPUs: one actor per real core
+    (2, None, 2),  # a cluster node, cores unknown: its Ray CPUs
+    (4, 1, 1),
+    (16, 16, MAX_CPU_ACTORS_PER_NODE),  # past the cap, actors share the cores as torch threads
+    (64, None, MAX_CPU_ACTORS_PER_NODE),
+    (0, 0, 1),     # a node always gets one
+])
+def test_one_cpu_embedding_actor_per_core_up_to_the_cap(node_cpus, cores, expected):
+    assert cpu_actors_per_node(node_cpus, cores) == expected
+
+
+def test_the_local_ray_embeds_with_one_single_threaded_actor_per_core():
+    plan = actor_plan("auto")  # the session Ray: 4 logical CPUs on this machine, no GPU
+    cores = os.cpu_count() or 1
+    assert plan["on_gpu"] is False and plan["num_gpus"] == 0
+    assert plan["actors"] == min(cores, 4, MAX_CPU_ACTORS_PER_NODE) == plan["actors_per_node"]
+    with pytest.raises(UserError, match="no GPUs"):
+        actor_plan("true")
