@@ -68,11 +68,6 @@ class TuneFailed(Exception):
 
 
 def main(cfg: TuneJobConfig) -> Path:
-    import ray
-
-    from jobs.train import check_weights, plan
-    from tuning import driver, report
-
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).expanduser().absolute()),
                               data_dir=str(Path(cfg.data_dir).expanduser().absolute()))
     space = load_space(cfg.space) if cfg.space else preset_space(cfg.preset)
@@ -81,6 +76,12 @@ def main(cfg: TuneJobConfig) -> Path:
             raise UserError("--search optuna cannot run grid dimensions; use choice, or --search random")
         if importlib.util.find_spec("optuna") is None:
             raise UserError("--search optuna needs the optuna package: pip install optuna")
+    # A bad space stops the job above, before Ray, Train and Tune are imported (seconds).
+    import ray
+
+    from jobs.train import check_weights, plan
+    from tuning import driver, report
+
     preset = driver.TUNE_PRESETS[cfg.preset]
     given = {k: getattr(cfg, k) for k in ("epochs", "train_per_class", "val_per_class") if getattr(cfg, k) is not None}
     # Ray Train restarts no workers itself: Tune's retry of the trial resumes it from its checkpoint.
