@@ -13,12 +13,16 @@ machine moves both. Suites interleave baseline and candidate rounds and report m
   Ray Train worker) against a plain PyTorch loop over the same images held in memory as a uint8
   tensor: same model, triplet objective, optimiser, P x K batches, augmentation (applied inline,
   batch by batch: about 3 ms per 128 images at 32 px, under 1 % of a ResNet50 step) and torch
-  threads, on the quick preset's training subset (500 images per class). Plain epochs run before and
-  after the Ray run; medians exclude each side's first (warm-up) epoch.
+  threads, on the quick preset's training subset (500 images per class). A third side runs the plain
+  loop inside a Ray Train worker (same tensors, no Ray Data): it separates what the worker process
+  costs from what streaming the data beside it costs. Each Ray-side run is compared with the plain
+  runs just before and after it (this machine's speed drifts); rates exclude each run's first epoch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -40,6 +44,7 @@ from lib.errors import UserError
 from lib.io import ensure_writable_dir, write_json
 from lib.sources import list_image_folder, parse_source
 
+TRAIN_ROUNDS = 2  # a round of the train suite trains twice and runs the plain loop twice: about 6 minutes here
 DEFAULT_SOURCE = "imagefolder:" + os.environ.get(
     "CIFAR10_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10"))
 
@@ -52,7 +57,7 @@ class BenchmarkConfig:
                                                                   "retrieval, tsne, embed")
     source: str = option(DEFAULT_SOURCE, help="image source to benchmark on (an imagefolder for 'prepare')")
     work_dir: str = option("", help="where to prepare data (default: a temporary folder, removed after)")
-    rounds: int = option(5, help="measured rounds per side (after one warm-up round each)")
+    rounds: int = option(5, help="measured rounds per side (after one warm-up round each; the train suite runs at most 2)")
     batch_size: int = option(128, help="batch size of the input-pipeline and train suites")
     backbone: str = option("resnet50", help="model of the train suite")
     train_images: int = option(5000, help="train images per epoch in the train suite (a class-balanced subset; "
@@ -206,6 +211,31 @@ def plain_training_epochs(cfg: BenchmarkConfig, train_cfg, images, labels, epoch
     return rates
 
 
+def _plain_loop_in_worker(config: dict) -> list[float]:
+    """Ray Train worker loop of the train suite's third side: the plain loop on the driver's tensors."""
+    import ray
+    import torch
+
+    torch.set_num_threads(config["threads"])  # as jobs.train sets its CPU worker
+    images, labels = ray.get(config["tensors"])
+    return plain_training_epochs(config["cfg"], config["train_cfg"], images, labels, config["epochs"], config["bf16"])
+
+
+def plain_loop_in_ray_train(cfg: BenchmarkConfig, train_cfg, images, labels, threads: int, bf16: bool) -> list[float]:
+    """Images/s per epoch of :func:`plain_training_epochs` run by one Ray Train CPU worker (as jobs.train's)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _plain_loop_in_worker,
+        train_loop_config={"cfg": cfg, "train_cfg": train_cfg, "tensors": [ray.put(images), ray.put(labels)],
+                           "epochs": cfg.epochs, "threads": threads, "bf16": bf16},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="plain-loop-in-worker", storage_path=str(Path(train_cfg.run_dir).absolute())))
+    return trainer.fit().return_value
+
+
 def train_suite(cfg: BenchmarkConfig, work: Path) -> dict:
     import torch
 
@@ -232,21 +262,43 @@ def train_suite(cfg: BenchmarkConfig, work: Path) -> dict:
     precision = "bf16" if bf16 else "fp32"
     log(f"train suite: {cfg.backbone}, {len(labels)} images, batch {cfg.batch_size}, {threads} torch threads, "
         f"{precision}")
-    before = plain_training_epochs(cfg, train_cfg, images, labels, cfg.epochs, bf16)
     init_ray()
-    train.main(train_cfg)
-    history = [json.loads(line) for line in
-               (Path(train_cfg.run_dir) / "models" / cfg.backbone / "metrics.jsonl").read_text().splitlines()]
-    ray_rates = [row["images_per_s"] for row in history if row["epoch"] >= 1]
-    after = plain_training_epochs(cfg, train_cfg, images, labels, cfg.epochs, bf16)
-    plain = statistics.median(before[1:] + after[1:])
-    ray_median = statistics.median(ray_rates[1:])
+
+    def plain_side() -> list[float]:
+        return plain_training_epochs(cfg, train_cfg, images, labels, cfg.epochs, bf16)
+
+    def ray_side(round_: int) -> list[float]:
+        run_cfg = dataclasses.replace(train_cfg, run_dir=str(work / f"train-suite-{round_}"))  # a fresh run
+        train.main(run_cfg)
+        metrics = Path(run_cfg.run_dir) / "models" / cfg.backbone / "metrics.jsonl"
+        return [row["images_per_s"] for row in map(json.loads, metrics.read_text().splitlines()) if row["epoch"] >= 1]
+
+    def worker_side() -> list[float]:
+        log("train suite: the plain loop inside a Ray Train worker (no Ray Data) ...")
+        return plain_loop_in_ray_train(cfg, train_cfg, images, labels, threads, bf16)
+
+    # This machine's speed drifts by more than the gap being measured, so every Ray-side run is compared
+    # with the plain runs just before and after it: plain, Ray, plain, worker, plain, Ray, plain, ...
+    runs: dict[str, list[list[float]]] = {"plain": [plain_side()], "ray": [], "worker": []}
+    ratios: dict[str, list[float]] = {"ray": [], "worker": []}
+    for round_ in range(min(cfg.rounds, TRAIN_ROUNDS)):
+        for side, measure in (("ray", functools.partial(ray_side, round_)), ("worker", worker_side)):
+            runs[side].append(measure())
+            runs["plain"].append(plain_side())
+            around = statistics.mean(statistics.median(rates[1:]) for rates in runs["plain"][-2:])
+            ratios[side].append(statistics.median(runs[side][-1][1:]) / around)
+
+    def median_of(side: str) -> float:  # epochs after each run's warm-up epoch
+        return round(statistics.median(r for rates in runs[side] for r in rates[1:]), 1)
+
     return {
         "backbone": cfg.backbone, "images": len(labels), "batch_size": cfg.batch_size, "torch_threads": threads,
         "precision": precision,
-        "plain_images_per_s": [round(r, 1) for r in before + after],
-        "ray_images_per_s": [round(r, 1) for r in ray_rates],
-        "plain_median": round(plain, 1), "ray_median": round(ray_median, 1), "ratio": round(ray_median / plain, 2),
+        **{f"{side}_images_per_s": [[round(r, 1) for r in rates] for rates in runs[side]] for side in runs},
+        "plain_median": median_of("plain"), "ray_median": median_of("ray"), "worker_median": median_of("worker"),
+        "ratios": [round(r, 3) for r in ratios["ray"]], "ratio": round(statistics.median(ratios["ray"]), 2),
+        "worker_ratios": [round(r, 3) for r in ratios["worker"]],
+        "ratio_worker_alone": round(statistics.median(ratios["worker"]), 2),
     }
 
 
@@ -292,7 +344,8 @@ SUMMARIES: dict[str, Callable[[dict], str]] = {
                          f"batches/s ({r['dataloader_workers']} workers) -> {r['ratio']}x"),
     "train": lambda r: (f"{r['backbone']} {r['ray_median']} images/s through Ray Data + Ray Train vs plain PyTorch "
                         f"loop on in-memory tensors {r['plain_median']} images/s ({r['torch_threads']} threads, "
-                        f"{r['precision']}) -> {r['ratio']}x"),
+                        f"{r['precision']}) -> {r['ratio']}x (rounds {r['ratios']}); the plain loop inside a Ray "
+                        f"Train worker {r['worker_median']} images/s -> {r['ratio_worker_alone']}x"),
     "retrieval": _retrieval_summary,
     "tsne": lambda r: (f"{r['n']} points, project {r['project']['wall_s']} s vs scikit-learn "
                        f"{r['sklearn']['wall_s']} s -> {r['speedup_wall']}x"),
