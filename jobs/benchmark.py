@@ -66,6 +66,8 @@ class BenchmarkConfig:
     embed_backbones: tuple[str, ...] = option(("resnet50",), help="networks the embed suite runs in one pass "
                                                                   "(jobs.evaluate after a 3-backbone jobs.train: "
                                                                   "densenet121,resnet50,vgg16)")
+    embed_actors: int = option(0, help="actors of the embed suite's Ray side (0: what jobs.evaluate picks, one per "
+                                       "GPU, else one single-threaded actor per core)")
     image_size: int | None = option(None, help="image side of the inputs suite's augmentation and of the embed "
                                                 "suite's networks (default: the stored size)")
     output: str = option("", help="also write the results as JSON to this file")
@@ -77,6 +79,8 @@ class BenchmarkConfig:
                             f"(choose from {', '.join(SUITES)})")
         if self.epochs < 2:
             raise UserError(f"--epochs must be at least 2 (the first is a warm-up), got {self.epochs}")
+        if self.embed_actors < 0:
+            raise UserError(f"--embed-actors must be 0 (automatic) or more, got {self.embed_actors}")
         if self.rounds < 1:
             raise UserError(f"--rounds must be at least 1, got {self.rounds}")
         check_backbones(self.embed_backbones)
@@ -321,7 +325,7 @@ def embed_suite(cfg: BenchmarkConfig, work: Path) -> dict:
     stored_size = int(complete_manifest(data_dir)["image_shape"][0])
     # a round embeds the whole DATA (60k CIFAR-10 images) once per side: about a minute per network here
     return measure(data_dir, rounds=min(cfg.rounds, 3), backbones=cfg.embed_backbones,
-                   image_size=cfg.image_size or stored_size)
+                   image_size=cfg.image_size or stored_size, num_actors=cfg.embed_actors)
 
 
 SUITES: dict[str, Callable[[BenchmarkConfig, Path], dict]] = {

@@ -241,13 +241,13 @@ def tsne_suite(rounds: int = 1, n: int = 10_000, dim: int = 128, spread: float |
 
 
 def embed_suite(data_dir: str | Path, rounds: int = 3, backbones: tuple[str, ...] = ("resnet50",),
-                image_size: int = 32, batch_size: int = 256, embedding_dim: int = 128) -> dict:
+                image_size: int = 32, batch_size: int = 256, embedding_dim: int = 128, num_actors: int = 0) -> dict:
     """Embedding throughput of a whole prepared DATA (every split): the job's Ray Data actor-pool pass vs a
     plain PyTorch loop, interleaved ``rounds``, each side once per round.
 
     Both sides embed every image with every network in ``backbones`` (seeded random weights, the same
-    on both sides), on the GPU when Ray's actors get one, else on the CPU with as many torch threads
-    as the Ray side's actors together (``os.cpu_count()``). Reports median wall seconds,
+    on both sides), on the GPU when Ray's actors get one, else on the CPU with ``os.cpu_count()`` torch
+    threads (the Ray side's actors split the cores; ``num_actors`` 0 is jobs.evaluate's choice). Reports median wall seconds,
     embeddings/s (images x networks), the ratio Ray / plain, and the largest difference between the
     two sides' vectors for the same ids (same function; bf16 sums in another order differ a little).
     """
@@ -263,7 +263,7 @@ def embed_suite(data_dir: str | Path, rounds: int = 3, backbones: tuple[str, ...
     init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     sources = [ModelSource(f"benchmark-{b}", b, "none", embedding_dim, image_size) for b in backbones]
-    plan = actor_plan("auto")
+    plan = actor_plan("auto", num_actors)  # 0: jobs.evaluate's choice
     device = torch.device("cuda" if plan["on_gpu"] else "cpu")
 
     def through_ray() -> dict[str, dict[str, np.ndarray]]:

@@ -182,9 +182,9 @@ class EmbedBatches:
 
 
 # A CPU node gets one single-threaded actor per core up to this many; past it, actors share the node's cores
-# as torch threads. On 2 cores, two 1-thread actors embedded 60k images 9 % faster than one 2-thread actor
-# (53.2 vs 58.2 s, 4 paired rounds): a team of threads waits at every op for any member that one of Ray's
-# own processes preempted, separate processes do not.
+# as torch threads. A team of threads waits at every op for any member that one of Ray's own processes
+# preempted; separate processes do not. On 2 cores, two 1-thread actors embedded 60k images faster than one
+# 2-thread actor in 6 of 8 paired rounds (medians 53.2 vs 58.2 s in one run of 4; this machine drifts).
 MAX_CPU_ACTORS_PER_NODE = 8
 
 

@@ -13,6 +13,7 @@ from jobs import benchmark
     (["--suites", "train", "--epochs", "1"], "--epochs must be at least 2"),
     (["--suites", "tsne", "--rounds", "0"], "--rounds must be at least 1"),
     (["--suites", "embed", "--embed-backbones", "resnet50,alexnet"], "unknown backbone"),
+    (["--suites", "embed", "--embed-actors", "-1"], "--embed-actors must be 0 (automatic) or more"),
 ])
 def test_bad_choices_stop_with_one_line(argv, message, capsys):
     assert benchmark.cli(argv) == 2
