@@ -57,7 +57,8 @@ class BenchmarkConfig:
                                                                   "retrieval, tsne, embed")
     source: str = option(DEFAULT_SOURCE, help="image source to benchmark on (an imagefolder for 'prepare')")
     work_dir: str = option("", help="where to prepare data (default: a temporary folder, removed after)")
-    rounds: int = option(5, help="measured rounds per side (after one warm-up round each; the train suite runs at most 2)")
+    rounds: int = option(5, help="measured rounds per side (after one warm-up round each; the train suite runs "
+                                 "at most 2)")
     batch_size: int = option(128, help="batch size of the input-pipeline and train suites")
     backbone: str = option("resnet50", help="model of the train suite")
     train_images: int = option(5000, help="train images per epoch in the train suite (a class-balanced subset; "

@@ -247,9 +247,9 @@ def embed_suite(data_dir: str | Path, rounds: int = 3, backbones: tuple[str, ...
 
     Both sides embed every image with every network in ``backbones`` (seeded random weights, the same
     on both sides), on the GPU when Ray's actors get one, else on the CPU with ``os.cpu_count()`` torch
-    threads (the Ray side's actors split the cores; ``num_actors`` 0 is jobs.evaluate's choice). Reports median wall seconds,
-    embeddings/s (images x networks), the ratio Ray / plain, and the largest difference between the
-    two sides' vectors for the same ids (same function; bf16 sums in another order differ a little).
+    threads (the Ray side's actors split the cores; ``num_actors`` 0 is jobs.evaluate's choice). Reports
+    median wall seconds, embeddings/s (images x networks), the ratio Ray / plain, and the largest difference
+    between the two sides' vectors for the same ids (same function; bf16 sums in another order differ a little).
     """
     import os
 

@@ -32,7 +32,7 @@ import torch
 from jobs.runtime import log
 from lib.augment import as_tensor, normalize, resize_batch
 from lib.backbones import EmbeddingNet, build_model, check_backbones, fetch_imagenet_weights
-from lib.dataset import MANIFEST, SPLITS, split_files, table_images
+from lib.dataset import MANIFEST, SPLITS, split_files, table_ids, table_images
 from lib.errors import UserError
 from lib.io import read_json, write_json
 from lib.precision import forward, prepare_for_bf16, uses_bf16
@@ -234,7 +234,7 @@ def _read_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     columns: dict[str, list[np.ndarray]] = {"id": [], "image": [], "label": [], "split": []}
     for split, path in zip(batch["split"], batch["file"], strict=True):
         table = pq.read_table(str(path), columns=["id", "image", "label"])
-        columns["id"].append(np.asarray(table.column("id").to_pylist(), dtype=object))
+        columns["id"].append(table_ids(table))
         columns["image"].append(table_images(table))
         columns["label"].append(table.column("label").to_numpy())
         columns["split"].append(np.full(len(table), str(split), dtype=object))
@@ -310,7 +310,7 @@ def read_embeddings(run_dir: str | os.PathLike, name: str, split: str) -> tuple[
     table = pq.read_table(path)
     column = table.column("embedding").combine_chunks()
     vectors = column.flatten().to_numpy().reshape(len(table), column.type.list_size)
-    return np.asarray(table.column("id").to_pylist(), dtype=object), table.column("label").to_numpy(), vectors
+    return table_ids(table), table.column("label").to_numpy(), vectors
 
 
 def read_images_by_id(data_dir: str | os.PathLike, split: str, ids: list[str]) -> np.ndarray:

@@ -48,12 +48,13 @@ def load_gallery(run_dir: Path, info: dict, model: str):
     import pyarrow.parquet as pq
 
     from jobs.embed import read_embeddings
+    from lib.dataset import table_ids
     from lib.retrieval import l2_normalize
 
     if model == info["model"]:
         rows = pq.read_table(run_dir / "eval" / "index_rows.parquet")
         index = faiss.read_index(str(run_dir / "eval" / "index.faiss"))
-        return index, np.asarray(rows.column("id").to_pylist(), dtype=object), rows.column("label").to_numpy()
+        return index, table_ids(rows), rows.column("label").to_numpy()
     if not (run_dir / "embeddings" / model / "train.parquet").is_file():
         known = sorted(p.parent.name for p in (run_dir / "embeddings").glob("*/train.parquet"))
         raise UserError(f"unknown model {model!r} in {run_dir / 'embeddings'} (choose from {', '.join(known)})")

@@ -32,7 +32,7 @@ from lib.augment import AugmentSettings, normalize
 from lib.backbones import build_model
 from lib.batching import balanced_batches
 from lib.config import from_dict, to_dict
-from lib.dataset import split_files
+from lib.dataset import split_files, table_ids
 from lib.errors import UserError
 from lib.io import write_json
 from lib.losses import COLLAPSE_SPREAD, TripletObjective
@@ -247,7 +247,7 @@ def train_run_name(cfg: TrainConfig) -> str:
 
 def _ids_and_labels(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     table = pq.ParquetDataset(split_files(data_dir, split)).read(columns=["id", "label"])
-    return np.asarray(table.column("id").to_pylist(), dtype=object), table.column("label").to_numpy()
+    return table_ids(table), table.column("label").to_numpy()
 
 
 def fit_backbone(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_per_node: int = 1) -> dict[str, Any]:

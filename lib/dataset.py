@@ -221,6 +221,11 @@ def split_files(data_dir: str | os.PathLike, split: str) -> list[str]:
     return [str(Path(data_dir).absolute() / name) for name in manifest["files"][split]]
 
 
+def table_ids(table: pa.Table) -> np.ndarray:
+    """The ``id`` column of a prepared (or embeddings) table as an object array of str."""
+    return np.asarray(table.column("id").to_pylist(), dtype=object)
+
+
 def table_images(table: pa.Table) -> np.ndarray:
     """The ``image`` column of a prepared table as an (N, H, W, 3) uint8 array."""
     column = table.column("image").combine_chunks()
@@ -233,7 +238,7 @@ def read_split(data_dir: str | os.PathLike, split: str, limit: int | None = None
     table = pq.ParquetDataset(split_files(data_dir, split)).read(columns=["id", "image", "label"])
     if limit is not None:
         table = table.slice(0, limit)
-    return SplitArrays(ids=np.asarray(table.column("id").to_pylist(), dtype=object),
+    return SplitArrays(ids=table_ids(table),
                        images=table_images(table),
                        labels=table.column("label").to_numpy(),
                        classes=list(manifest["classes"]))
