@@ -1,9 +1,17 @@
-"""``cifar-embed <stage> [flags]``: the console script; each stage is also ``python -m jobs.<stage>``."""
+"""``cifar-embed <stage> [flags]``: the console script (each stage is also ``python -m jobs.<stage>``),
+and :func:`run_job`, which every job's ``cli`` runs: parse the flags, call ``main``, map bad input to exit 2."""
 
 from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from lib.config import parse_config
+from lib.errors import EXIT_USER_ERROR, UserError, disk_error
+
+C = TypeVar("C")
 
 # stage name -> (module, one-line purpose); a module provides ``cli(argv) -> int``.
 STAGES = {
@@ -15,6 +23,31 @@ STAGES = {
     "pipeline": ("jobs.pipeline", "prepare, (tune,) train and evaluate under one RUN; reruns resume"),
     "benchmark": ("jobs.benchmark", "measure the Ray paths against plain baselines"),
 }
+
+
+def run_job(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | None, prog: str,
+            failures: tuple[type[Exception], ...] = ()) -> int:
+    """Parse ``argv`` into ``config_cls`` and run ``main``: a :class:`UserError` becomes one line and exit 2,
+    one of ``failures`` (the work ran but some of it failed) one line and exit 1."""
+    try:
+        config = parse_config(config_cls, argv, prog=prog)
+        main(config)
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except failures as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        disk = disk_error(err)
+        if disk is None:
+            raise
+        print(f"{prog}: error: {disk}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 def usage() -> str:

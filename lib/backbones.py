@@ -16,6 +16,7 @@ hub cache); ``none`` starts from random weights; a file path loads a saved state
 
 from __future__ import annotations
 
+import pickle
 import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import torchvision
 from torch import nn
 from torchvision.models import DenseNet121_Weights, ResNet50_Weights, VGG16_Weights, WeightsEnum
 
+from lib.checkpoints import refused_global, safe_torch_load
 from lib.errors import UserError
 
 BodyBuilder = Callable[[WeightsEnum | None], tuple[nn.Module, int]]
@@ -120,11 +122,6 @@ def check_backbones(names: tuple[str, ...] | list[str]) -> None:
         raise UserError("no backbone given")
 
 
-def imagenet_weights(name: str) -> WeightsEnum:
-    check_backbones([name])
-    return BACKBONES[name].imagenet
-
-
 def fetch_imagenet_weights(name: str) -> None:
     """Make sure ``name``'s ImageNet weights are in torch's hub cache (download once, hash-checked).
 
@@ -166,7 +163,12 @@ def load_weights(model: EmbeddingNet, path: Path, name: str) -> None:
     if not path.is_file():
         raise UserError(f"weights file not found: {path} (use --weights imagenet, none or a file path)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_torch_load(path, map_location="cpu")  # weights_only: a weights file never runs code
+    except pickle.UnpicklingError as err:
+        refused = refused_global(err)
+        reason = (f"it asks to run {refused}, which a state dict never does" if refused
+                  else "not a plain PyTorch state dict (weights_only loading refused it)")
+        raise UserError(f"cannot read weights file {path}: {reason}") from None
     except Exception as err:  # noqa: BLE001 - any failure means the file is not a state dict we can read
         raise UserError(f"cannot read weights file {path}: {str(err).splitlines()[0]}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):

@@ -1,4 +1,4 @@
-"""Clusters of embeddings (DESIGN "Clusters"): K-Means, its agreement with the classes, and t-SNE.
+"""Clusters of embeddings: K-Means, its agreement with the classes, and t-SNE.
 
 Everything takes and returns arrays; :mod:`lib.plots` draws them. K-Means runs on the
 L2-normalised embeddings (the geometry retrieval uses); NMI and ARI come from scikit-learn, purity
@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 
 from lib.errors import UserError
-from lib.retrieval import drop_self_matches, l2_normalize
+from lib.retrieval.index import drop_self_matches, l2_normalize
 
 # t-SNE settings (openTSNE). Perplexity 30 and the 250 + 500 iteration schedule with early
 # exaggeration 12 are openTSNE's defaults. The FFT grid's floor is lowered from openTSNE's 50
 # intervals per axis to 20: while the map is still small (early exaggeration) the floor sets the grid,
-# and the numpy FFT on it dominates each iteration. Measured on 10k x 128 (jobs.benchmark_eval's
+# and the numpy FFT on it dominates each iteration. Measured on 10k x 128 (benchmarks.tsne's
 # tsne suite): a quarter less time, the same kNN preservation and trustworthiness as the default
 # and as scikit-learn's TSNE. Coarser grids (2 map units per interval) lost neighbour preservation.
 # Iterations after the exaggeration phase: the map keeps expanding, so each late iteration costs more (a

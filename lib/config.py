@@ -113,6 +113,16 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
     raise TypeError(f"unsupported config field type {tp!r}")
 
 
+def check_ranges(config: Any, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
+    """Raise a one-line :class:`UserError` naming the flag when a numeric field is out of range
+    (``None`` = "from the preset", not checked)."""
+    for names, bad, wanted in ((positive, lambda v: v <= 0, "positive"), (non_negative, lambda v: v < 0, "0 or more")):
+        for name in names:
+            value = getattr(config, name)
+            if value is not None and bad(value):
+                raise UserError(f"--{name.replace('_', '-')} must be {wanted}, got {value}")
+
+
 def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
     """Build config ``cls`` from a plain dict, rejecting unknown keys and coercing types.
 

@@ -7,7 +7,11 @@ a flag, a file); let programming errors propagate as ordinary exceptions.
 
 from __future__ import annotations
 
+import errno
+
 EXIT_USER_ERROR = 2
+# A full, over-quota or read-only disk: the user's to fix, never a bug to retry.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 class UserError(Exception):
@@ -16,3 +20,27 @@ class UserError(Exception):
     def __init__(self, message: str):
         # Keep the promise of one line even when a caught exception's text spans several.
         super().__init__(" ".join(str(message).split()))
+
+
+def disk_error(err: BaseException) -> UserError | None:
+    """A one-line :class:`UserError` for a full, over-quota or read-only disk (``err`` or its cause), else None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+            where = f" writing {err.filename}" if err.filename else ""
+            return UserError(f"{err.strerror or err}{where}: free some space (or make it writable) and rerun; "
+                             f"finished work is kept and reruns resume")
+        err = err.__cause__ or getattr(err, "cause", None)
+    return None
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line saying why ``err`` happened: its type, and the last line of its innermost cause's message
+    (a Ray error's first line is only "Training failed due to worker errors:")."""
+    seen = set()
+    while id(err) not in seen and (err.__cause__ or getattr(err, "cause", None)) is not None:
+        seen.add(id(err))
+        err = err.__cause__ or err.cause
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}"

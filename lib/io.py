@@ -37,26 +37,49 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
-    """Open a temporary sibling of ``path`` for writing; rename it to ``path`` on success.
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write to; renamed to ``path`` when the block succeeds.
 
-    On an exception the temporary file is removed and ``path`` keeps its previous content.
+    For writers that take a file name (pyarrow, faiss, ``shutil.copyfile``). On an exception the
+    temporary file is removed and ``path`` keeps its previous content. The temporary name is unique,
+    so two processes writing the same file never share one.
     """
-    if "r" in mode or "a" in mode:
-        raise ValueError(f"atomic_open is for writing, got mode {mode!r}")
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
-        with os.fdopen(fd, mode, **kwargs) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield Path(tmp_name)
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing; rename it to ``path`` on success (see :func:`atomic_path`)."""
+    if "r" in mode or "a" in mode:
+        raise ValueError(f"atomic_open is for writing, got mode {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Copy ``source`` to ``path`` atomically; returns ``path``."""
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return Path(path)
 
 
 def _umask() -> int:

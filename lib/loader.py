@@ -1,7 +1,7 @@
 """The plain PyTorch input pipeline: the no-Ray baseline that benchmarks compare Ray Data against.
 
 It applies exactly the same batched transform (:func:`lib.augment.augment_batch`) as the Ray Data
-pipeline in ``jobs.inputs``, so a speed ratio between the two measures the plumbing, not the maths.
+pipeline in ``onray.data``, so a speed ratio between the two measures the plumbing, not the maths.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from lib.augment import AugmentSettings, augment_batch, resize_batch
-from lib.dataset import read_split
+from lib.dataset import PreparedData
 
 
 class BatchTransformDataset(Dataset):
@@ -51,7 +51,7 @@ def torch_loader(data_dir: str | os.PathLike, split: str = "train", batch_size: 
     ``num_workers`` defaults to the machine's cores. Batches are dicts like Ray's
     ``iter_torch_batches`` yields, so training code can take either.
     """
-    arrays = read_split(data_dir, split)
+    arrays = PreparedData.open(data_dir).read_split(split)
     dataset = BatchTransformDataset(arrays.images, arrays.labels, settings, augment=augment)
     order = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
     workers = (os.cpu_count() or 1) if num_workers is None else num_workers

@@ -1,7 +1,7 @@
 """The evaluation report: the ``metrics.json`` document, the ``results.md`` table and the CSV export.
 
-Pure functions over numbers the evaluation computed (no Ray, no models), so the file layouts of
-DESIGN "Interface" are pinned by unit tests:
+Pure functions over numbers the evaluation computed (no Ray, no models), so the file layouts below are
+pinned by unit tests (``tests/unit/test_report.py``):
 
 ``metrics.json``::
 
@@ -13,7 +13,8 @@ DESIGN "Interface" are pinned by unit tests:
      "config":   {...}}                             # the resolved evaluation config and its inputs
 
 ``NAME`` is a backbone, ``<backbone>-untrained`` or ``stacked``. The stacked model also carries
-``stacking_classifier: {"train_acc", "test_acc"}``, the stacking ensemble of DESIGN "Stacking".
+``stacking_classifier: {"train_acc", "test_acc"}``, the stacking ensemble of
+:func:`lib.stacking.fit_stacking_classifier`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ RANKING = ("G", "map@5")
 
 def model_entry(protocols: Mapping[str, Mapping[str, float]], train_acc: float, test_acc: float,
                 **extra: Any) -> dict[str, Any]:
-    """One ``models.<name>`` entry from :func:`lib.retrieval.evaluate_protocols` output and the probe.
+    """One ``models.<name>`` entry from :func:`lib.retrieval.protocols.evaluate_protocols` and the probe.
 
     ``knn_acc`` is protocol G's: each test image classified by the majority of its 5 nearest train images.
     """

@@ -1,4 +1,4 @@
-"""Stacking several backbones (DESIGN "Stacking"): a stacked classifier and a stacked embedding.
+"""Stacking several backbones: a stacked classifier and a stacked embedding.
 
 Inputs are dicts ``backbone name -> embeddings (N, D_name)`` whose rows are the same N images in the
 same order; names are sorted, so dict order never changes a result. Each backbone's block is
@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lib.errors import UserError
-from lib.retrieval import l2_normalize
+from lib.retrieval.index import l2_normalize
 
 ProjectionMethod = Literal["lda", "pca"]
 
@@ -95,7 +95,7 @@ def fit_stacking_classifier(embeddings: Mapping[str, np.ndarray], labels: np.nda
         raise UserError("the stacking classifier needs at least two classes in the train split")
     if counts.min() < folds:
         raise UserError(f"the stacking classifier's {folds} folds need at least {folds} train items per class "
-                        f"(class {classes[counts.argmin()]!r} has {counts.min()})")
+                        f"(class {classes[counts.argmin()].item()!r} has {counts.min()})")
     features, columns = concatenate_normalized(embeddings)
     level0 = [(name, Pipeline([("columns", ColumnTransformer([(name, "passthrough", block)])),
                                ("logistic", LogisticRegression(max_iter=max_iter, random_state=seed))]))
@@ -206,7 +206,8 @@ def stack_embeddings(fit: Mapping[str, np.ndarray], fit_labels: np.ndarray,
     """Fit the projection on ``fit`` (train or train + val) and apply it to each split of ``apply_to``.
 
     ``apply_to``: split name -> (name -> (N_split, D_name)); returns split name -> (N_split, dim)
-    float32, L2-normalised, e.g. ``{"train": ..., "test": ...}`` for :func:`lib.retrieval.evaluate_protocols`.
+    float32, L2-normalised, e.g. ``{"train": ..., "test": ...}`` for
+    :func:`lib.retrieval.protocols.evaluate_protocols`.
     """
     projection = fit_stacked_projection(fit, fit_labels, method=method, n_components=n_components)
     return {split: projection.transform(blocks) for split, blocks in apply_to.items()}

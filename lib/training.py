@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,17 +18,19 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from lib.augment import normalize
 from lib.backbones import check_backbones
-from lib.config import from_dict, option
+from lib.config import check_ranges, from_dict, option
+from lib.devices import USE_GPU_HELP, UseGpu
 from lib.errors import UserError
-from lib.losses import Miner
-from lib.precision import PRECISION_HELP, Precision
+from lib.losses import Miner, TripletObjective
+from lib.precision import PRECISION_HELP, Precision, forward
 
 Preset = Literal["smoke", "quick", "full"]
 
 # Defaults per preset. quick and smoke train from scratch on CPUs; full fine-tunes ImageNet weights on GPUs.
-# quick's miner and learning rate were chosen by measurement (DESIGN "Training": from scratch at
-# 32 px, semi-hard mining learned nothing in 4 epochs; all margin-violating triplets did).
+# quick's miner and learning rate were chosen by measurement (from scratch at 32 px,
+# semi-hard mining learned nothing in 4 epochs; all margin-violating triplets did).
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(weights="none", image_size=32, embedding_dim=32, epochs=1, batch_size=16, samples_per_class=4,
                   lr=2e-3, weight_decay=1e-4, warmup_epochs=0.0, margin=0.2, miner="all", train_per_class=16,
@@ -65,7 +68,7 @@ class TrainConfig:
     weights: str = option("", help="imagenet | none | PATH to a state dict (default: by preset)")
     hparams: str = option("", help="best.json from jobs.tune: overrides margin, lr and the other tuned keys")
     num_workers: int | None = option(None, help="Ray Train workers per backbone (default: 1, or GPUs/backbones)")
-    use_gpu: Literal["auto", "true", "false"] = option("auto", help="auto uses GPUs when the cluster has them")
+    use_gpu: UseGpu = option("auto", help=USE_GPU_HELP)
     precision: Precision = option("auto", help=PRECISION_HELP)
     image_size: int | None = option(None, help="input side in pixels: 32 native, 128/224 for ImageNet weights")
     embedding_dim: int | None = option(None, help="embedding size D")
@@ -90,11 +93,10 @@ class TrainConfig:
         check_backbones(self.backbones)
         if len(set(self.backbones)) != len(self.backbones):
             raise UserError(f"backbone listed twice in --backbones {','.join(self.backbones)}")
-        positive = ("num_workers", "image_size", "embedding_dim", "epochs", "batch_size", "lr")
-        for name in positive:
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        check_ranges(self, positive=("num_workers", "image_size", "embedding_dim", "epochs", "batch_size", "lr",
+                                     "margin"),
+                     non_negative=("weight_decay", "warmup_epochs", "train_per_class", "val_per_class", "patience",
+                                   "max_failures", "seed"))
         if self.image_size is not None and self.image_size < 16:
             raise UserError(f"--image-size must be at least 16, got {self.image_size}")
         if self.inject_failure and (self.inject_failure.count(":") != 1
@@ -176,6 +178,34 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: in
     return optimizer, scheduler
 
 
+# Columns of the per-epoch totals train_epoch returns (summed over steps, and over ranks by the Ray worker).
+EPOCH_TOTALS = ("loss_sum", "steps", "images", "active", "valid", "spread_sum")
+
+
+def train_epoch(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], objective: TripletObjective,
+                optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                device: torch.device, bf16: bool,
+                on_step: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+    """One training pass over ``batches`` of ``{"image": (B, 3, S, S) uint8, "label": (B,)}``; returns the
+    totals named by :data:`EPOCH_TOTALS`. The Ray Train worker and the plain-PyTorch benchmark both run it.
+
+    Images are normalised on ``device``; ``on_step(step, totals)`` is called after every step.
+    """
+    model.train()
+    totals = np.zeros(len(EPOCH_TOTALS))
+    for step, batch in enumerate(batches, start=1):
+        images = normalize(batch["image"].to(device, non_blocking=True))
+        loss, stats = objective(forward(model, images, bf16), batch["label"].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        totals += [loss.item(), 1, len(images), stats.active, stats.valid, stats.spread]
+        if on_step is not None:
+            on_step(step, totals)
+    return totals
+
+
 def per_class_subset(ids: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     """Ids of ``per_class`` images of every class (all when 0 or when a class has fewer), chosen by seed."""
     from lib.sources import stable_hash
@@ -197,7 +227,8 @@ def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def val_retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, k: int = 5) -> dict[str, float]:
     """``val_map@5`` and ``val_p@5`` of (N, D) unit ``embeddings`` under protocol L (self excluded)."""
-    from lib.retrieval import knn, map_at_k, precision_at_k
+    from lib.retrieval.index import knn
+    from lib.retrieval.metrics import map_at_k, precision_at_k
 
     _, neighbours = knn(embeddings, embeddings, min(k, len(labels) - 1), exclude_self=True)
     neighbour_labels = np.asarray(labels)[neighbours]

@@ -1,7 +1,8 @@
 """Shared fixtures: tiny generated image folders and CIFAR-10 batches, and one Ray for the session.
 
-Tests under tests/integration/ share one local Ray (started on first use, RAY_NOTES "The 2-core
-machine"); tests under tests/unit/ never start Ray.
+Tests under tests/integration/ share one local Ray (started on first use, with more logical CPUs than
+cores: on 2 cores, two Train workers on ``num_cpus=2`` starve Ray Data and hang); tests under tests/unit/
+never start Ray.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def ray_session():
     """One local Ray for all integration tests (num_cpus=4 so Data and Train never starve)."""
     import ray
 
-    from jobs.runtime import init_ray
+    from onray.runtime import init_ray
 
     init_ray(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024 * 1024,
              log_to_driver=False)

@@ -1,10 +1,10 @@
 """The Tune driver: every trial fits a real ``TorchTrainer``; ASHA stops weak trials; reruns resume.
 
-Ray Train V2 trainers cannot be handed to a ``Tuner`` (RAY_NOTES "Tune with Train V2"): a trial is a
-function that builds the trainer of its config (``jobs.trainer.build_trainer``, the one ``jobs.train``
-uses) and fits it with ``TuneReportCallback``, which forwards each epoch's report to Tune. The trial's
-own process holds one CPU; its Train workers and Ray Data ask for theirs separately, so the number of
-trials at once is bounded by what the cluster has room for (:func:`concurrent_trials`), not by Tune.
+Ray Train V2 trainers cannot be handed to a ``Tuner`` (``Tuner(trainer)`` raises "Improper 'run'"): a
+trial is a function that builds the trainer of its config (``onray.trainer.build_trainer``, the one
+``jobs.train`` uses) and fits it with ``TuneReportCallback``, which forwards each epoch's report to Tune.
+The trial's own process holds one CPU; its Train workers and Ray Data ask for theirs separately, so the
+number of trials at once is bounded by what the cluster has room for (``onray.plan.plan_trials``), not by Tune.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import ray
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from jobs.runtime import log
-from jobs.trainer import build_trainer
 from lib.config import from_dict, to_dict
+from lib.console import log
 from lib.training import HPARAM_KEYS, METRIC, METRIC_MODE, TrainConfig
+from onray.trainer import build_trainer
 from tuning.spaces import Space, to_tune
 
 # Per tune preset: trials, ASHA's grace period and reduction factor, and the training options every
@@ -36,16 +36,8 @@ TUNE_PRESETS: dict[str, dict[str, Any]] = {
                   train=dict(epochs=4, train_per_class=500, val_per_class=100, patience=0)),
     "full": dict(num_samples=24, grace_period=2, reduction_factor=3, train=dict(epochs=12, patience=0)),
 }
-EXPERIMENT = "trials"  # Tune's experiment folder inside RUN/tune/<backbone>/
-TRAIN_RUNS = "train"  # each trial's Ray Train run (checkpoints) goes to RUN/tune/<backbone>/train/<trial id>
-DATA_CPUS = 1  # CPUs left for each trial's Ray Data tasks beside its workers
-
-
-def concurrent_trials(workers: int, use_gpu: bool, cpus: int, gpus: int) -> int:
-    """Trials that fit at once: each holds 1 CPU for its driver, ``workers`` CPUs (and GPUs) and Ray
-    Data's share. More would leave Ray Data's read tasks unscheduled behind idle trial drivers."""
-    by_cpu = cpus // (1 + workers + DATA_CPUS)
-    return max(1, min(by_cpu, gpus // workers) if use_gpu else by_cpu)
+EXPERIMENT = "trials"  # Tune's experiment folder inside the tune's storage (default RUN/tune/<backbone>/)
+TRAIN_RUNS = "train"  # each trial's Ray Train run (checkpoints) goes to <storage>/train/<trial id>
 
 
 class ReleaseStoppedTrainers(ray.tune.Callback):
@@ -104,16 +96,20 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], use_gpu: bool, nu
     trainer.fit()
 
 
-def fit(base: TrainConfig, space: Space, out: Path, *, search: str, num_samples: int, grace_period: int,
+def fit(base: TrainConfig, space: Space, storage: str, *, search: str, num_samples: int, grace_period: int,
         reduction_factor: float, max_concurrent: int, max_failures: int, use_gpu: bool, num_classes: int,
         trainers_per_node: int) -> ray.tune.ResultGrid:
-    """Run (or resume, when ``out`` holds an interrupted experiment) the search; returns Tune's results."""
+    """Run (or resume, when ``storage`` holds an interrupted experiment) the search; returns Tune's results.
+
+    ``storage`` is a local path or a URI (``s3://...``): Tune's experiment and the trials' checkpoints go there.
+    """
+    storage = storage.rstrip("/")
     trainable = ray.tune.with_parameters(run_trial, base=to_dict(base), use_gpu=use_gpu, num_classes=num_classes,
-                                         trainers_per_node=trainers_per_node, storage=str(out / TRAIN_RUNS))
-    experiment = out / EXPERIMENT
+                                         trainers_per_node=trainers_per_node, storage=f"{storage}/{TRAIN_RUNS}")
+    experiment = f"{storage}/{EXPERIMENT}"
     if ray.tune.Tuner.can_restore(experiment):
         log(f"resuming the interrupted tune in {experiment}")
-        tuner = ray.tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
         return tuner.fit()
     # Epochs, not Tune's iteration counter: a retried trial resumes at its checkpoint's epoch.
     scheduler = ray.tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=base.epochs,
@@ -134,7 +130,7 @@ def fit(base: TrainConfig, space: Space, out: Path, *, search: str, num_samples:
         tune_config=ray.tune.TuneConfig(metric=METRIC, mode=METRIC_MODE, num_samples=num_samples,
                                         scheduler=scheduler, search_alg=searcher,
                                         max_concurrent_trials=None if search == "random" else max_concurrent),
-        run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1,
+        run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=storage, verbose=1,
                                       callbacks=[ReleaseStoppedTrainers()],
                                       failure_config=ray.tune.FailureConfig(max_failures=max_failures)),
     )

@@ -28,7 +28,7 @@ from lib.training import HPARAM_KEYS, TrainConfig
 Kind = Literal["uniform", "loguniform", "choice", "grid", "fixed"]
 KINDS = ("uniform", "loguniform", "choice", "grid")
 
-# From scratch (smoke, quick) the miner decides whether anything is learned (DESIGN "Training"):
+# From scratch (smoke, quick) the miner decides whether anything is learned (see lib.training.PRESETS):
 # semi-hard mining stays flat there, so quick searches only the miners that learned.
 SPACES: dict[str, dict[str, Any]] = {
     "smoke": {"margin": {"uniform": [0.05, 0.5]}, "lr": {"loguniform": [1e-4, 1e-2]}},

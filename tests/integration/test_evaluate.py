@@ -13,11 +13,14 @@ import torch
 from PIL import Image
 
 from jobs import evaluate, prepare
-from jobs.embed import MAX_CPU_ACTORS_PER_NODE, actor_plan, cpu_actors_per_node, model_sources
 from lib.backbones import build_model
+from lib.config import to_dict
 from lib.dataset import SPLITS, read_manifest
+from lib.embedding import model_sources
 from lib.errors import UserError
 from lib.io import write_json
+from lib.training import TrainConfig
+from onray.plan import MAX_CPU_ACTORS_PER_NODE, actor_plan, cpu_actors_per_node
 from tests.conftest import CLASSES, make_image_folder
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -128,18 +131,19 @@ def test_embeddings_parquet_schema_rows_and_ids_line_up(evaluated):
             vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
             assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
     assert all(i.startswith("test/") for i in ids["test"])
-    source = json.loads((run / "embeddings" / "vgg16-untrained" / "source.json").read_text())
+    source = json.loads((run / "embeddings" / "vgg16-untrained" / "source.json").read_text())["model"]
     assert source["weights"] == "none" and source["backbone"] == "vgg16" and source["image_size"] == 32
 
 
 def test_untrained_embeddings_are_reproducible(evaluated):
     """``--weights none`` is a seeded network: the same seed gives the stored embeddings again."""
     data, run, _ = evaluated
-    from jobs.embed import ModelSource, embed_loop, load_embedding_model, read_embeddings, read_images_by_id
+    from lib.dataset import PreparedData
+    from lib.embedding import ModelSource, embed_loop, load_embedding_model, read_embeddings
 
     ids, _, stored = read_embeddings(run, "vgg16-untrained", "test")
     source = ModelSource("vgg16-untrained", "vgg16", "none", 128, 32, seed=0)
-    again = embed_loop(source, load_embedding_model(source), read_images_by_id(data, "test", list(ids[:4])),
+    again = embed_loop(source, load_embedding_model(source), PreparedData.open(data).images_by_id("test", list(ids[:4])),
                        batch_size=4)
     assert np.allclose(again, stored[:4], atol=1e-5)
 
@@ -186,8 +190,9 @@ def test_trained_models_are_found_with_their_config_and_untrained_companions(tmp
     folder.mkdir(parents=True)
     torch.manual_seed(1)
     torch.save(build_model("vgg16", "none", 16).state_dict(), folder / "model.pt")
-    write_json(folder / "config.json", {"backbones": ["vgg16"], "weights": "none", "embedding_dim": 16,
-                                        "image_size": 48, "seed": 3})
+    write_json(folder / "config.json", to_dict(TrainConfig(data_dir="DATA", run_dir=str(tmp_path / "run"),
+                                                           backbones=("vgg16",), weights="none", embedding_dim=16,
+                                                           image_size=48, seed=3)))
     (tmp_path / "run" / "models" / "resnet50").mkdir()  # unfinished: no summary.json
     with pytest.raises(UserError, match="no trained models"):  # no summary.json yet: not complete
         model_sources(tmp_path / "run", (), False, "none", 128, 32, 0)

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import inputs, prepare
+from jobs import prepare
 from lib.augment import AugmentSettings, normalize, resize_batch
-from lib.dataset import read_split
+from lib.dataset import PreparedData
 from lib.loader import torch_loader
+from onray import data as inputs
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -28,9 +29,9 @@ def epoch(dataset, batch_size=16):
 
 
 def test_every_epoch_covers_the_split_with_fresh_views(data_dir):
-    dataset = inputs.augmented_dataset(data_dir, settings=AugmentSettings(image_size=40))
+    dataset = inputs.augmented_dataset(PreparedData.open(data_dir), settings=AugmentSettings(image_size=40))
     first, second = epoch(dataset), epoch(dataset)
-    train = read_split(data_dir, "train")
+    train = PreparedData.open(data_dir).read_split("train")
     for batches in (first, second):
         labels = torch.cat([b["label"] for b in batches])
         assert Counter(labels.tolist()) == Counter(train.labels.tolist())  # every row once
@@ -44,10 +45,10 @@ def test_every_epoch_covers_the_split_with_fresh_views(data_dir):
 
 
 def test_unaugmented_pipeline_equals_the_plain_transform(data_dir):
-    dataset = inputs.augmented_dataset(data_dir, split="test", settings=AugmentSettings(image_size=48),
+    dataset = inputs.augmented_dataset(PreparedData.open(data_dir), split="test", settings=AugmentSettings(image_size=48),
                                        shuffle="none", augment=False)
     rows = torch.cat([b["image"] for b in dataset.iter_torch_batches(batch_size=64)])
-    test = read_split(data_dir, "test")
+    test = PreparedData.open(data_dir).read_split("test")
     assert torch.equal(rows, resize_batch(test.images, 48))
 
 
@@ -55,7 +56,7 @@ def test_ray_and_torch_pipelines_agree_on_content(data_dir):
     settings = AugmentSettings()
     loader = torch_loader(data_dir, batch_size=10, settings=settings, num_workers=0)
     torch_batches = list(loader)
-    ray_batches = epoch(inputs.augmented_dataset(data_dir, settings=settings), batch_size=10)
+    ray_batches = epoch(inputs.augmented_dataset(PreparedData.open(data_dir), settings=settings), batch_size=10)
     assert torch_batches[0]["image"].shape == ray_batches[0]["image"].shape
     assert sum(len(b["label"]) for b in torch_batches) == 50  # 54 train rows, batches of 10, drop_last
     # the same transform: mean brightness per class agrees closely between the two pipelines

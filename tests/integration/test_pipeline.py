@@ -71,6 +71,26 @@ def test_a_run_interrupted_after_training_resumes_at_evaluation(images, tmp_path
     assert (run / "eval" / "metrics.json").is_file()
 
 
+def test_pipeline_tune_trains_each_backbone_with_its_best_json_and_honours_storage(images, tmp_path):
+    run, storage = tmp_path / "run", tmp_path / "storage"
+    code = pipeline.cli(args(images, run, "--tune", "--no-include-untrained", "--epochs", "2",
+                             "--storage", str(storage), backbones="resnet50"))
+    assert code == 0
+    best = json.loads((run / "tune" / "resnet50" / "best.json").read_text())
+    config = json.loads((run / "models" / "resnet50" / "config.json").read_text())
+    assert (config["margin"], config["lr"]) == (best["margin"], best["lr"])  # the tuned values, not the preset's
+    assert config["epochs"] == 2  # the pipeline's training override
+    rows = (run / "models" / "resnet50" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["epoch"] for row in rows] == [0, 1, 2]
+    assert json.loads((run / "eval" / "metrics.json").read_text())["models"].keys() == {"resnet50"}
+    assert set(json.loads((run / "pipeline.json").read_text())["stages_seconds"]) == {
+        "prepare", "tune", "train", "evaluate"}
+    # Tune's experiment, every trial's checkpoints and the training checkpoints went to --storage, not RUN
+    assert (storage / "tune" / "resnet50" / "trials").is_dir()
+    assert list((storage / "tune" / "resnet50" / "train").rglob("checkpoint_*"))
+    assert [p.name for p in storage.glob("resnet50-*")] and not list((run / "models").rglob("checkpoint_*"))
+
+
 def test_bad_source_is_one_line_and_exit_2(tmp_path, capsys):
     code = pipeline.cli(["--source", f"imagefolder:{tmp_path / 'missing'}", "--run-dir", str(tmp_path / "run"),
                          "--preset", "smoke"])

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from jobs import prepare
-from lib.dataset import SPLITS, read_manifest, read_split
+from lib.dataset import SPLITS, PreparedData, read_manifest
 from tests.conftest import CLASSES, image_array
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -30,7 +30,7 @@ def test_prepares_image_folder(image_folder, tmp_path, capsys):
     assert manifest["counts"] == {"train": {c: 9 for c in CLASSES}, "val": {c: 1 for c in CLASSES},
                                   "test": {c: 4 for c in CLASSES}}
     assert manifest["skipped"] == [] and manifest["converted"]["to_rgb"] == 0
-    ids = {split: list(read_split(data, split).ids) for split in SPLITS}
+    ids = {split: list(PreparedData.open(data).read_split(split).ids) for split in SPLITS}
     assert sum(map(len, ids.values())) == len(set().union(*ids.values())) == 3 * 14
     assert all(i.startswith("test/") for i in ids["test"]) and all(i.startswith("train/") for i in ids["val"])
     # pixels survive exactly (PNG source), label and label_name agree with the folder
@@ -118,7 +118,7 @@ def test_grey_rgba_and_odd_sizes_are_converted_and_recorded(image_folder, tmp_pa
     assert manifest["image_shape"] == [32, 32, 3]
     assert manifest["converted"]["to_rgb"] == 2 and manifest["converted"]["resized"] == 1
     assert any("big.png (size 64x48->32x32)" in e for e in manifest["converted"]["examples"])
-    test = read_split(data, "test")
+    test = PreparedData.open(data).read_split("test")
     big = test.images[list(test.ids).index("test/frog/big.png")]
     assert big.shape == (32, 32, 3)
 
@@ -131,10 +131,10 @@ def test_prepares_cifar_batches(cifar_batches, tmp_path, capsys):
     assert manifest["totals"] == {"train": 90, "val": 10, "test": 20}
     assert all(n == 1 for n in manifest["counts"]["val"].values())
     assert manifest["source_notes"]["verified"] is False
-    from lib.sources import load_cifar10_batches
+    from lib.sources.cifar10 import load_cifar10_batches
 
     listing = load_cifar10_batches(cifar_batches)
-    test = read_split(data, "test")
+    test = PreparedData.open(data).read_split("test")
     by_id = dict(zip(listing.ids, listing.images, strict=True))
     assert all(np.array_equal(by_id[i], image) for i, image in zip(test.ids, test.images, strict=True))
     json.dumps(manifest)  # the manifest is plain JSON

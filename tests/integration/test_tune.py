@@ -15,7 +15,7 @@ from PIL import Image
 from jobs import prepare, tune
 from lib.config import parse_config
 from lib.training import HPARAM_KEYS, METRIC, PRESETS, TrainConfig
-from tuning.driver import concurrent_trials
+from onray.plan import plan_trials as concurrent_trials
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

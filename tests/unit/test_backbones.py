@@ -59,3 +59,20 @@ def test_imagenet_weights_offline_names_the_alternatives(tmp_path, monkeypatch):
     message = str(err.value)
     assert message.startswith("cannot load ImageNet weights for resnet50 (https://download.pytorch.org/")
     assert "--weights none" in message and "--weights PATH" in message and "\n" not in message
+
+
+def test_crafted_weights_file_is_refused_without_running_it(tmp_path):
+    """--weights PATH is loaded with weights_only: a pickle that would run code is a one-line error."""
+    import os
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch '{tmp_path / 'ran'}'",)
+
+    torch.save({"body.conv1.weight": RunsCode()}, tmp_path / "crafted.pt")
+    with pytest.raises(UserError) as err:
+        build_model("resnet50", str(tmp_path / "crafted.pt"))
+    assert str(err.value).startswith(f"cannot read weights file {tmp_path / 'crafted.pt'}: it asks to run ")
+    assert "system, which a state dict never does" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "ran").exists()

@@ -1,24 +1,21 @@
 import numpy as np
 import pytest
 
-import lib.retrieval as retrieval
 from lib.errors import UserError
-from lib.retrieval import (
+from lib.retrieval import protocols
+from lib.retrieval.index import drop_self_matches, gpu_available, knn, l2_normalize
+from lib.retrieval.metrics import (
     average_precision_at_k,
     average_precision_at_r,
-    drop_self_matches,
-    evaluate_protocols,
-    knn,
     knn_accuracy,
     knn_predict,
-    l2_normalize,
-    linear_probe,
     map_at_k,
     map_at_r,
     precision_at_k,
     recall_at_k,
     relevant_counts,
 )
+from lib.retrieval.protocols import evaluate_protocols, linear_probe
 
 # A 6x5 kNN label table, nearest first, the query itself already excluded.
 QUERY_LABELS = np.array([0, 0, 1, 1, 2, 2])
@@ -134,14 +131,14 @@ def test_search_errors_are_user_errors():
         knn(points, points, 10, exclude_self=True, use_gpu=False)
     with pytest.raises(UserError, match="3 dimensions but the gallery has 4"):
         knn(points[:, :3], points, 2, use_gpu=False)
-    with pytest.raises(UserError, match="use_gpu must be auto, true or false"):
+    with pytest.raises(UserError, match="--use-gpu must be auto, true or false"):
         knn(points, points, 2, use_gpu="sometimes")
 
 
-@pytest.mark.skipif(retrieval.gpu_available(), reason="a GPU is visible to faiss here")
+@pytest.mark.skipif(gpu_available(), reason="a GPU is visible to faiss here")
 def test_insisting_on_a_gpu_without_one_is_a_user_error():
     points = random_unit(np.random.default_rng(3), 10, 4)
-    with pytest.raises(UserError, match="use_gpu=true but faiss has no GPU support or sees no GPU"):
+    with pytest.raises(UserError, match="--use-gpu true, but faiss has no GPUs"):
         knn(points, points, 2, use_gpu=True)
 
 
@@ -195,7 +192,7 @@ def test_map_at_r_matches_a_full_sort_and_chunking_changes_nothing(monkeypatch):
         scores.append(sum(hits[i] / (i + 1) for i in range(r) if relevant[i]) / r)
     assert whole["G"]["map@r"] == pytest.approx(np.mean(scores))
 
-    monkeypatch.setattr(retrieval, "CHUNK_ENTRIES", 7)  # one query per chunk
+    monkeypatch.setattr(protocols, "CHUNK_ENTRIES", 7)  # one query per chunk
     chunked = evaluate_protocols(train, train_labels, test, test_labels, use_gpu=False)
     for name in ("L", "G"):
         assert chunked[name] == pytest.approx(whole[name])

@@ -1,4 +1,10 @@
 import hashlib
+import io
+import os
+import pickle
+import struct
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -6,16 +12,9 @@ import pytest
 from PIL import Image
 
 from lib.errors import UserError
-from lib.sources import (
-    Source,
-    download_cifar10,
-    find_cifar10_batches,
-    list_image_folder,
-    load_cifar10_batches,
-    parse_source,
-    stable_hash,
-    stratified_pick,
-)
+from lib.sources import Source, parse_source, stable_hash, stratified_pick
+from lib.sources.cifar10 import download_cifar10, find_cifar10_batches, load_cifar10_batches
+from lib.sources.imagefolder import list_image_folder
 from tests.conftest import CLASSES, image_array, make_image_folder
 
 
@@ -111,8 +110,6 @@ def test_cifar_batches_layout_and_labels(cifar_batches):
     assert listing.ids[:2] == ["train/00000", "train/00001"] and listing.ids[100] == "test/00000"
     assert listing.notes["verified"] is False  # miniature files are not the official ones
     # the official row layout is 1024 red, 1024 green, 1024 blue values
-    import pickle
-
     with open(cifar_batches / "data_batch_1", "rb") as handle:
         raw = pickle.load(handle, encoding="bytes")[b"data"]
     assert np.array_equal(listing.images[0, :, :, 1].ravel(), raw[0, 1024:2048])
@@ -173,3 +170,134 @@ def test_download_offline_names_the_alternatives(tmp_path):
     assert message.startswith("cannot download CIFAR-10 from http://127.0.0.1:9/")
     assert "--source imagefolder:PATH" in message and "--source cifar10:PATH" in message
     assert "\n" not in message
+
+
+# --- untrusted CIFAR-10 pickles: only numpy array reconstruction may be unpickled --------------------------
+
+class _RunsCode:
+    """Pickles as a call of ``func(*args)``: what a crafted file would make an unrestricted unpickler do."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _crafted_meta(batches, payload):
+    with open(batches / "batches.meta", "wb") as handle:
+        pickle.dump({b"label_names": payload, b"num_vis": 3072}, handle)
+
+
+def _touch_payloads(marker):
+    return {
+        "os.system": (_RunsCode(os.system, f"touch '{marker}'"), "posix.system" if os.name == "posix" else "system"),
+        "builtins.exec": (_RunsCode(exec, f"open({str(marker)!r}, 'w').close()"), "builtins.exec"),
+        "subprocess.Popen": (_RunsCode(subprocess.Popen, ["touch", str(marker)]), "subprocess.Popen"),
+    }
+
+
+def test_crafted_payload_would_run_code_with_plain_pickle(tmp_path, cifar_batches):
+    """The control for the tests below: an unrestricted unpickler does run the crafted batches.meta."""
+    marker = tmp_path / "ran"
+    _crafted_meta(cifar_batches, _touch_payloads(marker)["builtins.exec"][0])
+    with open(cifar_batches / "batches.meta", "rb") as handle:
+        pickle.load(handle, encoding="bytes")
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["os.system", "builtins.exec", "subprocess.Popen"])
+def test_crafted_batch_is_refused_without_running_it(tmp_path, cifar_batches, kind):
+    marker = tmp_path / "ran"
+    payload, qualified = _touch_payloads(marker)[kind]
+    _crafted_meta(cifar_batches, payload)
+    with pytest.raises(UserError) as err:
+        load_cifar10_batches(cifar_batches)
+    message = str(err.value)
+    assert message.startswith(f"refusing to load {cifar_batches / 'batches.meta'}: it asks to run ")
+    assert qualified in message and "which a CIFAR-10 batch never does" in message and "\n" not in message
+    assert not marker.exists()
+
+
+def test_crafted_data_batch_is_refused(tmp_path, cifar_batches):
+    marker = tmp_path / "ran"
+    with open(cifar_batches / "test_batch", "wb") as handle:
+        pickle.dump({b"data": _RunsCode(os.system, f"touch '{marker}'"), b"labels": [0]}, handle)
+    with pytest.raises(UserError, match=f"refusing to load {cifar_batches / 'test_batch'}: it asks to run"):
+        load_cifar10_batches(cifar_batches)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not_a_dict", "bad_labels"])
+def test_damaged_batch_is_one_line_naming_it(cifar_batches, damage):
+    path = cifar_batches / "data_batch_3"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00\x01 this is not a pickle at all" * 10)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "not_a_dict":
+        path.write_bytes(pickle.dumps([1, 2, 3]))
+    else:
+        path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [b"x", b"y"]}))
+    with pytest.raises(UserError) as err:
+        load_cifar10_batches(cifar_batches)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes what Python 2 with numpy 1 wrote for the official files: protocol 2, str and bytes as 8-bit
+    strings, arrays as ``numpy.core.multiarray._reconstruct``."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_8bit(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    def save_global(self, obj, name=None):
+        name = name or obj.__qualname__
+        module = {"_reconstruct": "numpy.core.multiarray", "ndarray": "numpy", "dtype": "numpy"}[name]
+        self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = save_8bit
+
+
+@pytest.mark.parametrize("style", ["python2-protocol2", "protocol5"])
+def test_official_and_newer_pickle_styles_still_load(cifar_batches, style):
+    expected = load_cifar10_batches(cifar_batches)  # the fixture's own files (numpy 2, default protocol)
+    for path in sorted(cifar_batches.iterdir()):
+        with open(path, "rb") as handle:
+            raw = pickle.load(handle, encoding="bytes")
+        if style == "protocol5":  # what Python 3.14's default protocol writes
+            path.write_bytes(pickle.dumps(raw, protocol=5))
+        else:
+            buffer = io.BytesIO()
+            _Python2Pickler(buffer, protocol=2).dump({k.decode(): v for k, v in raw.items()})
+            assert path.name == "batches.meta" or b"cnumpy.core.multiarray\n_reconstruct\n" in buffer.getvalue()
+            path.write_bytes(buffer.getvalue())
+    listing = load_cifar10_batches(cifar_batches)
+    assert listing.classes == expected.classes and listing.ids == expected.ids
+    assert np.array_equal(listing.images, expected.images) and np.array_equal(listing.labels, expected.labels)
+
+
+def test_prepare_refuses_a_crafted_batch_before_ray_starts(tmp_path, cifar_batches):
+    """The whole job: exit 2, one line naming the file, nothing run, no DATA folder, no Ray started."""
+    marker = tmp_path / "ran"
+    _crafted_meta(cifar_batches, _touch_payloads(marker)["os.system"][0])
+    data = tmp_path / "d"
+    out = subprocess.run([sys.executable, "-m", "jobs.prepare", "--source", f"cifar10:{cifar_batches}",
+                          "--data-dir", str(data)], capture_output=True, text=True, timeout=120)
+    lines = [line for line in out.stderr.strip().splitlines() if not line.startswith("[")]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"jobs.prepare: error: refusing to load {cifar_batches / 'batches.meta'}: ")
+    assert "started a local Ray" not in out.stderr
+    assert not marker.exists()
+    assert not data.exists()

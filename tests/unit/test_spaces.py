@@ -52,7 +52,8 @@ def test_bad_spaces_name_the_key_and_the_source(raw, message):
 
 
 def test_a_bad_space_key_stops_the_job_with_one_line_and_exit_2_before_any_ray(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(tune, "init_ray", lambda *args, **kwargs: pytest.fail("started Ray before checking the space"))
+    monkeypatch.setattr("onray.runtime.init_ray",
+                        lambda *args, **kwargs: pytest.fail("started Ray before checking the space"))
     path = tmp_path / "space.yaml"
     path.write_text("margin: {uniform: [0.1, 0.3]}\nbatch_size: {choice: [16, 32]}\n")
     code = tune.cli(["--data-dir", str(tmp_path / "no-data"), "--run-dir", str(tmp_path / "run"),

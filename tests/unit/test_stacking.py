@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from lib.errors import UserError
-from lib.retrieval import evaluate_protocols, linear_probe
+from lib.retrieval.protocols import evaluate_protocols, linear_probe
 from lib.stacking import (
     concatenate_normalized,
     evaluate_stacking,

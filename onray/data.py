@@ -1,9 +1,9 @@
-"""The training input pipeline on Ray Data: prepared Parquet -> augmented, shuffled torch batches.
+"""Ray Data inputs: prepared Parquet -> augmented training batches, and every split for embedding.
 
 The stored pixels are read once and kept in Ray's object store (``materialize``); the random
 augmentation is a lazy ``map_batches`` on top, so Ray Train re-executes it each epoch and every
-epoch sees new views (RAY_NOTES "Data"). Consumers call ``iter_torch_batches`` on the dataset or
-on their ``ray.train.get_dataset_shard`` and normalise on their device::
+epoch sees new views. Consumers call ``iter_torch_batches`` on the dataset or on their
+``ray.train.get_dataset_shard`` and normalise on their device::
 
     for batch in shard.iter_torch_batches(batch_size=128, local_shuffle_buffer_size=1024):
         images = lib.augment.normalize(batch["image"].to(device))   # uint8 -> float32
@@ -11,14 +11,14 @@ on their ``ray.train.get_dataset_shard`` and normalise on their device::
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 
 from lib.augment import AugmentSettings, augment_batch, resize_batch
-from lib.dataset import read_manifest, split_files
+from lib.dataset import SPLITS, PreparedData, table_ids, table_images
 
 Shuffle = Literal["none", "blocks", "full"]
 # Fewer, larger blocks cost less scheduling per epoch; this many per CPU still keeps every CPU busy
@@ -27,10 +27,10 @@ BLOCKS_PER_CPU = 2
 MIN_ROWS_PER_BLOCK = 256
 
 
-def read_split_dataset(data_dir: str | os.PathLike, split: str,
-                       columns: tuple[str, ...] = ("image", "label")) -> ray.data.Dataset:
+def read_split_dataset(data: PreparedData, split: str, columns: tuple[str, ...] = ("image", "label")
+                       ) -> ray.data.Dataset:
     """One prepared split as a Ray Dataset (files listed by the manifest, so a partial DATA fails)."""
-    return ray.data.read_parquet(split_files(data_dir, split)).select_columns(list(columns))
+    return ray.data.read_parquet(data.files(split)).select_columns(list(columns))
 
 
 def _augment(batch: dict[str, np.ndarray], settings: AugmentSettings) -> dict[str, np.ndarray]:
@@ -51,9 +51,8 @@ def default_num_blocks(rows: int) -> int:
     return max(1, min(BLOCKS_PER_CPU * cpus, rows // MIN_ROWS_PER_BLOCK))
 
 
-def augmented_dataset(data_dir: str | os.PathLike, split: str = "train",
-                      settings: AugmentSettings = AugmentSettings(), shuffle: Shuffle = "blocks",
-                      augment: bool = True, num_blocks: int | None = None,
+def augmented_dataset(data: PreparedData, split: str = "train", settings: AugmentSettings = AugmentSettings(),
+                      shuffle: Shuffle = "blocks", augment: bool = True, num_blocks: int | None = None,
                       keep_ids: np.ndarray | None = None) -> ray.data.Dataset:
     """Rows ``{"image": (3, S, S) uint8, "label": int64}``, augmented afresh every epoch.
 
@@ -65,11 +64,11 @@ def augmented_dataset(data_dir: str | os.PathLike, split: str = "train",
     ``keep_ids`` restricts the split to those image ids (a subset for quick runs).
     """
     if keep_ids is None:
-        rows = read_manifest(data_dir)["totals"][split]
-        base = read_split_dataset(data_dir, split)
+        rows = data.rows(split)
+        base = read_split_dataset(data, split)
     else:
         rows = len(keep_ids)
-        base = read_split_dataset(data_dir, split, columns=("id", "image", "label")).map_batches(
+        base = read_split_dataset(data, split, columns=("id", "image", "label")).map_batches(
             _keep_rows, batch_size=None, fn_kwargs={"keep": np.asarray(keep_ids).astype(str)})
     base = base.repartition(num_blocks or default_num_blocks(rows)).materialize()
     if shuffle == "blocks":
@@ -80,3 +79,29 @@ def augmented_dataset(data_dir: str | os.PathLike, split: str = "train",
         _resize, {"image_size": settings.image_size})
     return base.map_batches(transform, batch_size=None, batch_format="numpy", zero_copy_batch=True,
                             fn_kwargs=kwargs)
+
+
+def read_prepared(data: PreparedData, readers: int = 1) -> ray.data.Dataset:
+    """Every split of a prepared DATA as a Ray dataset of ``id``, ``image``, ``label``, ``split``: one block
+    per Parquet file, read by at most ``readers`` tasks at a time.
+
+    The files are known from the manifest, so there is no listing or metadata pass, and the ``split``
+    column comes with the rows. Reading takes a fraction of the embedding's CPU: ``num_cpus=0.5`` says so,
+    and, differing from the actors' request, keeps Ray Data from fusing it into the actor stage (which would
+    bundle the one-row file entries into one task and stream nothing).
+    """
+    files = [{"split": split, "file": f} for split in SPLITS for f in data.files(split)]
+    return ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
+        _read_files, batch_size=1, batch_format="numpy", num_cpus=0.5,
+        compute=ray.data.TaskPoolStrategy(size=max(1, readers)))
+
+
+def _read_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    columns: dict[str, list[np.ndarray]] = {"id": [], "image": [], "label": [], "split": []}
+    for split, path in zip(batch["split"], batch["file"], strict=True):
+        table = pq.read_table(str(path), columns=["id", "image", "label"])
+        columns["id"].append(table_ids(table))
+        columns["image"].append(table_images(table))
+        columns["label"].append(table.column("label").to_numpy())
+        columns["split"].append(np.full(len(table), str(split), dtype=object))
+    return {key: np.concatenate(parts) for key, parts in columns.items()}

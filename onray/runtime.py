@@ -1,17 +1,12 @@
-"""What every job shares: starting or attaching to Ray, and turning bad input into exit code 2."""
+"""Starting or attaching to Ray."""
 
 from __future__ import annotations
 
 import os
-import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
-from lib.config import parse_config
-from lib.errors import EXIT_USER_ERROR, UserError
-
-C = TypeVar("C")
+from lib.console import log
 
 
 def local_num_cpus() -> int:
@@ -19,7 +14,7 @@ def local_num_cpus() -> int:
 
     More than the machine's cores: Ray Train's workers hold their CPUs for the whole run, and Ray
     Data's read and map tasks must still be schedulable beside them, or the run waits forever
-    (RAY_NOTES "The 2-core machine": ``num_cpus=2`` with two Train workers deadlocks).
+    (measured on 2 cores: ``num_cpus=2`` with two Train workers deadlocks).
     """
     cores = os.cpu_count() or 1
     return max(4, cores + 2)
@@ -49,25 +44,6 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
         f"in {time.perf_counter() - started:.1f} s (set RAY_ADDRESS to use a cluster)")
 
 
-def log(message: str) -> None:
-    """A progress line for people watching the job (stderr keeps stdout for results).
-
-    Written to the stream directly: inside Ray Train workers ``print`` is patched to tee into
-    Train's logger as well, which would show every line twice.
-    """
-    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {message}\n")
-    sys.stderr.flush()
-
-
-def run_job(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | None, prog: str) -> int:
-    """Parse ``argv`` into ``config_cls``, run ``main`` and map a :class:`UserError` to one line + exit 2."""
-    try:
-        config = parse_config(config_cls, argv, prog=prog)
-        main(config)
-    except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+def on_cluster() -> bool:
+    """True when the jobs attach to a cluster (``RAY_ADDRESS``) rather than a Ray of their own."""
+    return bool(os.environ.get("RAY_ADDRESS"))

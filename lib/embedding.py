@@ -1,0 +1,199 @@
+"""Embedding with a network of a run, and the embeddings store (no Ray: the actor pool is :mod:`onray.embed`).
+
+Store, per model ``NAME`` (a backbone, ``<backbone>-untrained`` or ``stacked``)::
+
+    RUN/embeddings/NAME/{train,val,test}.parquet   id: string, label: int64, embedding: float32[D]
+    RUN/embeddings/NAME/source.json                what produced them; written last (= complete)
+
+Rows are sorted by id, so the same split of every model has the same rows in the same order
+(stacking relies on it). ``source.json`` holds the :class:`ModelSource` (with its checkpoint's
+SHA-256) and the prepared data's fingerprint; unchanged models are not embedded again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from lib.augment import as_tensor, normalize, resize_batch
+from lib.backbones import EmbeddingNet, build_model, check_backbones, fetch_imagenet_weights
+from lib.config import from_dict
+from lib.dataset import SPLITS, table_ids
+from lib.errors import UserError
+from lib.io import atomic_path, read_json
+from lib.paths import RunPaths
+from lib.precision import forward, prepare_for_bf16, uses_bf16
+from lib.training import TrainConfig
+
+SOURCE_FILE = "source.json"
+FORMAT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One network to embed with. ``weights``: ``none`` (seeded random init), ``imagenet`` or a state-dict path.
+
+    ``baseline``: an untrained companion of a trained backbone (``--include-untrained``), reported but
+    never stacked.
+    """
+
+    name: str
+    backbone: str
+    weights: str
+    embedding_dim: int
+    image_size: int
+    seed: int = 0
+    precision: str = "auto"
+    trained: bool = False
+    baseline: bool = False
+    checkpoint_sha256: str = ""
+
+    def identity(self, data_fingerprint: str) -> dict[str, Any]:
+        """The ``source.json`` these settings and this data produce."""
+        return {"format": FORMAT_VERSION, "model": dataclasses.asdict(self), "data_manifest_sha256": data_fingerprint}
+
+    @classmethod
+    def recorded(cls, source_json: dict[str, Any]) -> ModelSource | None:
+        """The model a ``source.json`` records; None for a model that embeds no images (``stacked``)."""
+        model = source_json.get("model")
+        return from_dict(cls, model, source="source.json") if isinstance(model, dict) else None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_sha256(weights: str) -> str:
+    """SHA-256 of a weights file; empty for ``none`` and ``imagenet``."""
+    return "" if weights in ("none", "imagenet") or not Path(weights).is_file() else file_sha256(weights)
+
+
+def trained_config(run: RunPaths, backbone: str) -> TrainConfig:
+    """The resolved training config a finished backbone of ``run`` was trained with."""
+    return from_dict(TrainConfig, read_json(run.model(backbone) / "config.json"),
+                     source=str(run.model(backbone) / "config.json"))
+
+
+def model_sources(run_dir: str | os.PathLike, backbones: tuple[str, ...], include_untrained: bool,
+                  weights: str, embedding_dim: int, image_size: int, seed: int,
+                  precision: str = "auto") -> list[ModelSource]:
+    """The networks to evaluate: trained models in ``RUN/models/<b>/`` (complete = ``summary.json``),
+    restricted to ``backbones`` when given; a listed backbone without a trained model is evaluated
+    untrained (``weights``, ``embedding_dim``, ``image_size``); ``include_untrained`` adds each trained
+    backbone's untrained network (its config's initial weights and seed)."""
+    run = RunPaths.of(run_dir)
+    trained = run.trained_backbones()
+    if backbones:
+        check_backbones(backbones)
+    elif not trained:
+        raise UserError(f"no trained models in {run.models} (no <backbone>/summary.json): run jobs.train first, "
+                        f"or pass --backbones NAME[,NAME] to evaluate untrained networks (--weights none|imagenet)")
+    sources = []
+    for backbone in backbones or tuple(trained):
+        if backbone not in trained:
+            sources.append(ModelSource(f"{backbone}-untrained", backbone, weights, embedding_dim, image_size, seed,
+                                       precision, checkpoint_sha256=weights_sha256(weights)))
+            continue
+        config = trained_config(run, backbone)
+        model = run.model(backbone) / "model.pt"
+        sources.append(ModelSource(backbone, backbone, str(model), config.embedding_dim, config.image_size,
+                                   config.seed, precision, trained=True, checkpoint_sha256=file_sha256(model)))
+        if include_untrained:
+            sources.append(ModelSource(f"{backbone}-untrained", backbone, config.weights, config.embedding_dim,
+                                       config.image_size, config.seed, precision, baseline=True,
+                                       checkpoint_sha256=weights_sha256(config.weights)))
+    for source in sources:
+        if source.weights == "imagenet":
+            fetch_imagenet_weights(source.backbone)  # offline: one clear line now, not inside every actor
+        elif source.weights != "none" and not Path(source.weights).is_file():
+            raise UserError(f"weights file not found: {source.weights} (for {source.name}; use --weights "
+                            f"none, imagenet or a file path)")
+    return sources
+
+
+def check_loadable(sources: list[ModelSource]) -> None:
+    """Load every weights file of ``sources`` here, so a wrong or damaged file is one :class:`UserError` in the
+    driver before any Ray work, not a failure inside every embedding actor."""
+    for source in sources:
+        if source.weights not in ("none", "imagenet"):
+            build_model(source.backbone, source.weights, source.embedding_dim)
+
+
+def load_embedding_model(source: ModelSource, device: str | torch.device = "cpu") -> EmbeddingNet:
+    """``source``'s network in eval mode on ``device`` (channels-last when it runs in bf16, see
+    :func:`lib.precision.uses_bf16`); ``weights="none"`` is the same network for the same seed."""
+    torch.manual_seed(source.seed)
+    model = build_model(source.backbone, source.weights, source.embedding_dim).eval().to(device)
+    return prepare_for_bf16(model, uses_bf16(source.precision, device))
+
+
+def embed_images(model: EmbeddingNet, images: np.ndarray, image_size: int, device: torch.device | None = None,
+                 bf16: bool = False) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, D) float32 unit vectors: resized to ``image_size``, ImageNet-normalised
+    as in training (lib.augment), one forward pass without gradients (under bf16 autocast when ``bf16``)."""
+    device = device or torch.device("cpu")
+    # uint8 crosses to the device (a quarter of float32's bytes), and the resize runs there
+    batch = normalize(resize_batch(as_tensor(images).to(device, non_blocking=True), image_size))
+    with torch.inference_mode():
+        return forward(model, batch, bf16).cpu().numpy()
+
+
+def embed_loop(source: ModelSource, model: EmbeddingNet, images: np.ndarray, batch_size: int,
+               device: str | torch.device = "cpu") -> np.ndarray:
+    """The plain-PyTorch path: :func:`embed_images` with ``source``'s model (on ``device``) over
+    ``images`` in batches, in this process."""
+    device = torch.device(device)
+    bf16 = uses_bf16(source.precision, device)
+    chunks = [embed_images(model, images[i:i + batch_size], source.image_size, device, bf16)
+              for i in range(0, len(images), batch_size)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, model.embedding_dim), np.float32)
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def write_split(path: Path, ids: np.ndarray, labels: np.ndarray, embeddings: np.ndarray) -> None:
+    """One split's embeddings as Parquet, rows sorted by id, written atomically."""
+    order = np.argsort(np.asarray(ids).astype(str), kind="stable")
+    embeddings = np.ascontiguousarray(embeddings[order], dtype=np.float32)
+    table = pa.table({"id": pa.array(np.asarray(ids).astype(str)[order], pa.string()),
+                      "label": pa.array(np.asarray(labels)[order], pa.int64()),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.ravel(), pa.float32()),
+                                                                     embeddings.shape[1])})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_embeddings(run_dir: str | os.PathLike, name: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids (N,) str, labels (N,) int64, embeddings (N, D) float32) of one model's split."""
+    path = RunPaths.of(run_dir).embeddings(name) / f"{split}.parquet"
+    if not path.is_file():
+        raise UserError(f"no embeddings for model {name!r}: {path} is missing (run jobs.evaluate)")
+    table = pq.read_table(path)
+    column = table.column("embedding").combine_chunks()
+    vectors = column.flatten().to_numpy().reshape(len(table), column.type.list_size)
+    return table_ids(table), table.column("label").to_numpy(), vectors
+
+
+def up_to_date(run_dir: str | os.PathLike, name: str, identity: dict[str, Any]) -> bool:
+    folder = RunPaths.of(run_dir).embeddings(name)
+    try:
+        recorded = json.loads((folder / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return recorded == identity and all((folder / f"{split}.parquet").is_file() for split in SPLITS)

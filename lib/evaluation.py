@@ -1,0 +1,207 @@
+"""``jobs.evaluate`` without Ray: its config, and scoring, stacking, clustering, pictures and the saved index
+over embeddings already in the store (:mod:`lib.embedding`). The Ray side is :mod:`onray.evaluate`.
+
+Outputs in ``RUN/eval/``: ``results.md``, ``tsne.png``, ``clusters.png``, ``retrieval_grid.png``,
+``loss_curve_<backbone>.png``, ``embeddings.csv`` (test rows), ``index.faiss`` + ``index_rows.parquet`` +
+``index.json`` (the best single network's train gallery, for jobs.search) and, last, ``metrics.json``
+(lib.report layout).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from lib.config import check_ranges, option
+from lib.console import log
+from lib.dataset import SPLITS, PreparedData
+from lib.devices import USE_GPU_HELP, UseGpu
+from lib.embedding import ModelSource, trained_config, write_split
+from lib.errors import UserError
+from lib.io import atomic_path, read_json, write_json
+from lib.paths import RunPaths
+from lib.precision import PRECISION_HELP, Precision
+from lib.report import STACKED, grid_query_rows, model_entry, seeded_subset
+
+OUTPUTS = ("results.md", "tsne.png", "clusters.png", "retrieval_grid.png", "embeddings.csv", "index.faiss",
+           "index_rows.parquet", "index.json")
+TSNE_THREADED_FROM = 5000  # points
+
+Splits = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # split -> (ids, labels, embeddings)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Embed every split with each model on Ray Data; score retrieval, probes, clusters and stacking."""
+
+    data_dir: str = option(help="prepared data set (jobs.prepare's DATA)")
+    run_dir: str = option(help="run folder: models from RUN/models, output to RUN/embeddings and RUN/eval")
+    backbones: tuple[str, ...] = option((), help="only these backbones (default: every trained one); one "
+                                                 "without a trained model is evaluated untrained (--weights)")
+    include_untrained: bool = option(False, help="also evaluate each trained backbone's untrained network")
+    weights: str = option("none", help="initial weights of --backbones without a trained model: none "
+                                       "(seeded random), imagenet or PATH")
+    embedding_dim: int = option(128, help="embedding size D of untrained networks without a training config")
+    image_size: int = option(32, help="input side of untrained networks without a training config")
+    batch_size: int = option(256, help="images per inference batch")
+    num_actors: int = option(0, help="embedding actors (0: one per GPU, else one per core, up to 8 per node)")
+    use_gpu: UseGpu = option("auto", help=USE_GPU_HELP + " (embedding actors; faiss uses a GPU when its build has one)")
+    precision: Precision = option("auto", help=PRECISION_HELP)
+    tsne_points: int = option(10000, help="test points in the t-SNE and cluster maps (a seeded subset)")
+    grid_queries: int = option(8, help="test queries in retrieval_grid.png")
+    grid_k: int = option(8, help="train neighbours per query in retrieval_grid.png")
+    csv_rows: int = option(2000, help="test rows per model in embeddings.csv (a seeded subset; 0 = all)")
+    stack_projection: Literal["lda", "pca"] = option("lda", help="stacked embedding's projection (fit on train+val)")
+    seed: int = option(0, help="seed of untrained networks, subsets, K-Means and t-SNE")
+
+    def __post_init__(self) -> None:
+        from lib.backbones import check_backbones
+
+        if self.backbones:
+            check_backbones(self.backbones)
+        check_ranges(self, positive=("embedding_dim", "image_size", "batch_size", "grid_queries", "grid_k",
+                                     "tsne_points"),
+                     non_negative=("num_actors", "csv_rows", "seed"))
+
+    @property
+    def faiss_use_gpu(self) -> str:
+        """``--use-gpu true`` insists on GPUs for the embedding actors; faiss takes one only when its build has one."""
+        return "false" if self.use_gpu == "false" else "auto"
+
+
+def finished(out: Path, config: dict) -> bool:
+    try:
+        recorded = json.loads((out / "metrics.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return recorded == config and all((out / name).is_file() for name in OUTPUTS)
+
+
+def describe_weights(run: RunPaths, source: ModelSource) -> str:
+    if source.trained:
+        config = trained_config(run, source.backbone)
+        return (f"trained, preset {config.preset}, initial weights {config.weights}, "
+                f"{config.image_size} px, D={config.embedding_dim}")
+    weights = source.weights if source.weights in ("none", "imagenet") else Path(source.weights).name
+    return f"untrained, weights {weights}, {source.image_size} px, D={source.embedding_dim}"
+
+
+def check_aligned(embeddings: dict[str, Splits], run: RunPaths) -> None:
+    """Every model's split must hold the same ids in the same order (stacking compares rows)."""
+    first = next(iter(embeddings))
+    for name, splits in embeddings.items():
+        for split, (ids, _, _) in splits.items():
+            if not np.array_equal(ids, embeddings[first][split][0]):
+                raise UserError(f"embeddings of {name} and {first} cover different {split} images; "
+                                f"delete {run.embeddings(name)} and rerun")
+
+
+def stacked_model(cfg: EvaluateConfig, embeddings: dict[str, Splits], names: list[str]) -> tuple[Splits, dict]:
+    """The stacked embedding (projection fitted on train + val, stored like a model's) and the stacking
+    classifier (fitted on train)."""
+    from lib.stacking import evaluate_stacking, stack_embeddings
+
+    log(f"stacking {', '.join(names)}: {cfg.stack_projection} projection on train+val, stacking classifier on train")
+    split_blocks = {split: {n: embeddings[n][split][2] for n in names} for split in SPLITS}
+    fit = {n: np.concatenate([split_blocks["train"][n], split_blocks["val"][n]]) for n in names}
+    first = embeddings[names[0]]
+    fit_labels = np.concatenate([first["train"][1], first["val"][1]])
+    stacked = stack_embeddings(fit, fit_labels, split_blocks, method=cfg.stack_projection)
+    result = evaluate_stacking(split_blocks["train"], first["train"][1], split_blocks["test"], first["test"][1])
+    splits = {split: (first[split][0], first[split][1], vectors) for split, vectors in stacked.items()}
+    folder = RunPaths.of(cfg.run_dir).embeddings(STACKED)
+    for split, (ids, labels, vectors) in splits.items():
+        write_split(folder / f"{split}.parquet", ids, labels, vectors)
+    write_json(folder / "source.json", {"name": STACKED, "from": names, "method": cfg.stack_projection,
+                                        "fit": "train+val"})
+    return splits, {"stacking_classifier": {"train_acc": result.train_acc, "test_acc": result.test_acc},
+                    "stacked_from": names}
+
+
+def score_model(name: str, splits: Splits, use_gpu: str, extra: dict) -> dict[str, Any]:
+    """Retrieval under protocols L and G, and the linear probe, as a ``metrics.json`` model entry."""
+    from lib.retrieval.protocols import evaluate_protocols, linear_probe
+
+    (_, train_labels, train), (_, test_labels, test) = splits["train"], splits["test"]
+    log(f"{name}: retrieval (protocols L and G) and linear probe on {len(test)} test / {len(train)} train")
+    protocols = evaluate_protocols(train, train_labels, test, test_labels, use_gpu=use_gpu)
+    train_acc, test_acc = linear_probe(train, train_labels, test, test_labels)
+    entry = model_entry(protocols, train_acc, test_acc, **extra)
+    log(f"{name}: mAP@5 L {entry['L']['map@5']:.3f} G {entry['G']['map@5']:.3f}, kNN acc {entry['knn_acc']:.3f}, "
+        f"probe test acc {test_acc:.3f}")
+    return entry
+
+
+def cluster_model(name: str, test: tuple[np.ndarray, np.ndarray, np.ndarray], seed: int
+                  ) -> tuple[dict[str, float], np.ndarray]:
+    from lib.clustering import cluster_embeddings
+
+    _, labels, vectors = test
+    clusters, scores = cluster_embeddings(vectors, labels, seed=seed)
+    log(f"{name}: K-Means NMI {scores['nmi']:.3f}, ARI {scores['ari']:.3f}, purity {scores['purity']:.3f}")
+    return scores, clusters
+
+
+def write_figures(cfg: EvaluateConfig, data: PreparedData, out: Path, splits: Splits, name: str,
+                  clusters: np.ndarray, scores: dict[str, float]) -> None:
+    """``tsne.png``, ``clusters.png`` and ``retrieval_grid.png`` of model ``name``."""
+    from lib.clustering import tsne_2d
+    from lib.plots import clusters_figure, retrieval_grid_figure, save_figure, tsne_figure
+    from lib.retrieval.index import knn
+
+    classes = data.classes
+    ids, labels, test = splits["test"]
+    rows = seeded_subset(len(test), cfg.tsne_points, cfg.seed)
+    log(f"{name}: t-SNE of {len(rows)} test embeddings")
+    # threads only pay off on large maps: measured on 2 busy cores, 24 points took 22 s with all
+    # cores and 2 s with one (thread start-up and contention dominate)
+    points = tsne_2d(test[rows], seed=cfg.seed, n_jobs=1 if len(rows) < TSNE_THREADED_FROM else -1)
+    save_figure(tsne_figure(points, labels[rows], classes, title=f"t-SNE of {name} test embeddings, by true class"),
+                out / "tsne.png")
+    save_figure(clusters_figure(points, labels[rows], clusters[rows], classes, scores), out / "clusters.png")
+    train_ids, train_labels, train = splits["train"]
+    queries = grid_query_rows(labels, cfg.grid_queries, cfg.seed)
+    similarities, neighbours = knn(test[queries], train, min(cfg.grid_k, len(train)), use_gpu=cfg.faiss_use_gpu)
+    gallery_rows = np.unique(neighbours)  # only the neighbours' pixels are read
+    figure = retrieval_grid_figure(
+        data.images_by_id("test", [str(ids[q]) for q in queries]), labels[queries],
+        data.images_by_id("train", [str(i) for i in train_ids[gallery_rows]]),
+        train_labels[gallery_rows], np.searchsorted(gallery_rows, neighbours), classes, similarities)
+    save_figure(figure, out / "retrieval_grid.png")
+
+
+def save_index(cfg: EvaluateConfig, data: PreparedData, out: Path, train: tuple, name: str) -> None:
+    """``index.faiss``: an exact inner-product index of ``name``'s train embeddings; rows in ``index_rows.parquet``."""
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lib.retrieval.index import l2_normalize
+
+    ids, labels, vectors = train
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(l2_normalize(vectors))
+    with atomic_path(out / "index.faiss") as tmp:
+        faiss.write_index(index, str(tmp))
+    rows = pa.table({"id": pa.array([str(i) for i in ids], pa.string()), "label": pa.array(labels, pa.int64())})
+    with atomic_path(out / "index_rows.parquet") as tmp:
+        pq.write_table(rows, tmp)  # row i of the table = row i of the index
+    write_json(out / "index.json", {"model": name, "rows": len(ids), "dim": int(vectors.shape[1]),
+                                    "similarity": "inner product of L2-normalised embeddings (cosine)",
+                                    "split": "train", "data_dir": str(data.root), "classes": data.classes,
+                                    "image_shape": list(data.image_shape),
+                                    "source": read_json(RunPaths.of(cfg.run_dir).embeddings(name) / "source.json")})
+    log(f"saved the {name} train-gallery index ({len(ids)} rows) -> {out / 'index.faiss'}")
+
+
+def export_blocks(embeddings: dict[str, Splits], limit: int, seed: int) -> Iterator[tuple]:
+    """(name, ids, labels, embeddings) of a seeded subset of each model's test rows, for ``embeddings.csv``."""
+    for name, splits in embeddings.items():
+        ids, labels, vectors = splits["test"]
+        rows = seeded_subset(len(ids), limit, seed)
+        yield name, ids[rows], labels[rows], vectors[rows]

@@ -1,0 +1,116 @@
+"""What ``jobs.prepare`` decides without Ray: its config, the split of a listing, rerun checks, the manifest.
+
+The Ray side (decoding and writing Parquet in parallel) is :mod:`onray.prepare`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lib import dataset as ds
+from lib.config import check_ranges, option, to_dict
+from lib.console import log
+from lib.errors import UserError
+from lib.sources import Listing, Source, parse_source, stratified_pick
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Decode a labelled image source into Parquet train/val/test splits for the other jobs."""
+
+    source: str = option(help="cifar10 (download), cifar10:PATH (extracted cifar-10-batches-py or the "
+                              ".tar.gz) or imagefolder:PATH (PATH/{train,test}/<class>/* or PATH/<class>/*)")
+    data_dir: str = option(help="output folder DATA")
+    val_fraction: float = option(0.1, help="share of each class of the source's train split held out as val")
+    test_fraction: float = option(0.2, help="share of each class used as test when an image folder has "
+                                            "no train/ and test/ folders")
+    seed: int = option(0, help="seed of the val (and single-tree test) split")
+    skip_bad_images: bool = option(False, help="skip unreadable files (counted and listed in the manifest) "
+                                               "instead of stopping")
+    cache_dir: str = option("~/.cache/cifar-embeddings", help="where cifar10 downloads and extracts to")
+
+    def __post_init__(self) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise UserError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}")
+        check_ranges(self, non_negative=("seed",))
+        parse_source(self.source)
+
+
+def identity(cfg: PrepareConfig, source: Source) -> dict[str, Any]:
+    """The settings that decide DATA's content (see :data:`lib.dataset.IDENTITY_KEYS`)."""
+    return {"source": str(source), "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+            "test_fraction": cfg.test_fraction, "skip_bad_images": cfg.skip_bad_images}
+
+
+def check_existing(data_dir: Path, wanted: dict[str, Any]) -> bool:
+    """True when DATA already holds this exact data set; raises if it holds another or foreign files."""
+    data = ds.PreparedData.find(data_dir)
+    if data is not None:
+        held = {key: data.manifest.get(key) for key in ds.IDENTITY_KEYS}
+        damage = data.damage() if held == wanted else None
+        if held == wanted and not damage:
+            return True
+        if damage:
+            log(f"{data_dir} is damaged ({damage}); preparing it again")
+            return False
+        diff = ", ".join(f"{k}={held[k]!r} (asked {wanted[k]!r})" for k in wanted if held[k] != wanted[k])
+        raise UserError(f"{data_dir} already holds a data set prepared with other settings: {diff}; "
+                        f"choose another --data-dir or remove it")
+    for split in ds.SPLITS:
+        split_dir = data_dir / split
+        if split_dir.exists():
+            # what this job writes there: Parquet parts, and the temporary names of an interrupted write
+            foreign = [p for p in split_dir.iterdir() if not p.name.endswith(".parquet")
+                       and not (p.name.startswith(".part-") and p.name.endswith(".tmp"))]
+            if not split_dir.is_dir() or foreign:
+                raise UserError(f"{split_dir} holds files that jobs.prepare did not write; "
+                                f"choose another --data-dir")
+    return False
+
+
+def assign_splits(listing: Listing, val_fraction: float, seed: int) -> np.ndarray:
+    """Each listed image's split: the source's test split, and train with a stratified seeded val slice."""
+    splits = listing.source_split.copy()
+    train_rows = np.flatnonzero(splits == "train")
+    is_val = stratified_pick([listing.ids[i] for i in train_rows], listing.labels[train_rows], val_fraction, seed)
+    splits[train_rows[is_val]] = "val"
+    return splits
+
+
+def check_written(merged: dict[str, Any], skip_bad_images: bool, source: Source) -> None:
+    """Stop on unreadable images (unless skipped) and on split/class pairs left without images."""
+    if merged["bad"] and not skip_bad_images:
+        path, reason = merged["bad"][0]
+        more = f" and {len(merged['bad']) - 1} more" if len(merged["bad"]) > 1 else ""
+        raise UserError(f"cannot read image {path} ({reason}){more}; use --skip-bad-images to leave such files out")
+    empty = [f"{split}/{name}" for split in ds.SPLITS for name, n in merged["counts"][split].items() if n == 0]
+    if empty:
+        raise UserError(f"after skipping unreadable files these split/class pairs have no images: "
+                        f"{', '.join(empty[:5])} (source {source})")
+
+
+def manifest_document(cfg: PrepareConfig, wanted: dict[str, Any], listing: Listing, merged: dict[str, Any],
+                      decode_seconds: float, total_seconds: float) -> dict[str, Any]:
+    """``DATA/manifest.json`` (see :mod:`lib.dataset`)."""
+    return {
+        "format_version": ds.FORMAT_VERSION,
+        **wanted,
+        "classes": listing.classes,
+        "image_shape": list(listing.image_shape),
+        "counts": merged["counts"],
+        "totals": {split: sum(merged["counts"][split].values()) for split in ds.SPLITS},
+        "files": merged["files"],
+        "skipped": [{"path": path, "reason": reason} for path, reason in merged["bad"]],
+        "converted": merged["converted"],
+        "source_notes": listing.notes,
+        "config": to_dict(cfg),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "timing": {"decode_write_seconds": round(decode_seconds, 3), "total_seconds": round(total_seconds, 3)},
+    }

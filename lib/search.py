@@ -1,0 +1,91 @@
+"""Nearest train images of image files or of test images, from the index ``jobs.evaluate`` saved (no Ray).
+
+Image files are decoded like ``jobs.prepare`` decodes them (RGB, cover-cropped to the stored image
+shape), then resized to the model's input size and normalised as in training. Test ids take their
+stored embeddings. The default model is the one whose train gallery ``jobs.evaluate`` saved
+(``RUN/eval/index.faiss``); another evaluated model's gallery is built from its train embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lib.embedding import ModelSource, embed_loop, load_embedding_model, read_embeddings
+from lib.errors import UserError
+from lib.io import read_json
+from lib.paths import RunPaths
+
+
+@dataclass
+class Gallery:
+    """A model's train gallery: a faiss inner-product ``index`` and its rows' ``ids`` and ``labels``."""
+
+    model: str
+    index: Any
+    ids: np.ndarray
+    labels: np.ndarray
+
+
+def saved_index_info(run: RunPaths) -> dict[str, Any]:
+    """``RUN/eval/index.json``, or a :class:`UserError` when ``jobs.evaluate`` has not saved an index."""
+    if not (run.eval / "index.json").is_file() or not (run.eval / "index.faiss").is_file():
+        raise UserError(f"no saved index in {run.eval}: run jobs.evaluate on this run first")
+    return read_json(run.eval / "index.json")
+
+
+def load_gallery(run: RunPaths, info: dict[str, Any], model: str) -> Gallery:
+    """``model``'s train gallery: the saved index, or one built from the model's stored train embeddings."""
+    import faiss
+    import pyarrow.parquet as pq
+
+    from lib.dataset import table_ids
+    from lib.retrieval.index import l2_normalize
+
+    if model == info["model"]:
+        rows = pq.read_table(run.eval / "index_rows.parquet")
+        index = faiss.read_index(str(run.eval / "index.faiss"))
+        return Gallery(model, index, table_ids(rows), rows.column("label").to_numpy())
+    if not (run.embeddings(model) / "train.parquet").is_file():
+        known = sorted(p.parent.name for p in run.embeddings_root.glob("*/train.parquet"))
+        raise UserError(f"unknown model {model!r} in {run.embeddings_root} (choose from {', '.join(known)})")
+    ids, labels, vectors = read_embeddings(run.root, model, "train")
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(l2_normalize(vectors))
+    return Gallery(model, index, ids, labels)
+
+
+def embed_image_files(run: RunPaths, model: str, paths: tuple[str, ...], info: dict[str, Any]
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pixels (Q, H, W, 3) uint8, labels (Q,), embeddings (Q, D)) of image files, embedded by ``model``; a
+    label is known only when the file's folder is named after a class, else -1."""
+    from lib.dataset import decode_image_file
+
+    source = ModelSource.recorded(read_json(run.embeddings(model) / "source.json"))
+    if source is None:
+        raise UserError(f"the {model} model cannot embed new images (search it with --test-ids)")
+    shape = tuple(info["image_shape"])
+    pixels = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"image file not found: {path}")
+        try:
+            pixels.append(decode_image_file(path, shape)[0])
+        except Exception as err:  # noqa: BLE001 - any decoding failure is a bad input file
+            raise UserError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
+    classes = info["classes"]
+    labels = np.array([classes.index(Path(p).parent.name) if Path(p).parent.name in classes else -1 for p in paths])
+    images = np.stack(pixels)
+    return images, labels, embed_loop(source, load_embedding_model(source), images, batch_size=64)
+
+
+def nearest(gallery: Gallery, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities (Q, k), gallery rows (Q, k)) of the ``k`` nearest gallery images of each query."""
+    from lib.retrieval.index import l2_normalize
+
+    if k > gallery.index.ntotal:
+        raise UserError(f"--k {k} exceeds the gallery's {gallery.index.ntotal} images")
+    return gallery.index.search(l2_normalize(queries), k)

@@ -1,0 +1,129 @@
+"""The embedding actor pool on Ray Data: every prepared split through every model in one pass.
+
+:func:`ensure_embeddings` embeds the models whose stored embeddings (:mod:`lib.embedding`) are missing or
+stale: the prepared files stream (one block each) through an actor pool that loads each model once per
+actor, and the rows come back to the driver, which writes ``RUN/embeddings/<name>/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from lib.console import log
+from lib.dataset import SPLITS, PreparedData
+from lib.embedding import (
+    SOURCE_FILE,
+    ModelSource,
+    embed_images,
+    load_embedding_model,
+    up_to_date,
+    write_split,
+)
+from lib.io import write_json
+from lib.paths import RunPaths
+from lib.precision import uses_bf16
+from onray.data import read_prepared
+from onray.plan import actor_plan
+
+PROGRESS_EVERY_S = 15
+
+
+class EmbedBatches:
+    """Ray Data actor: loads each model once, then embeds every batch's ``image`` column with each of them.
+
+    Output columns: every input column but ``image``, plus ``embedding_<i>`` (N, D_i) for ``sources[i]``.
+    One pass over the images serves all models, and an actor's start-up (a process importing torch)
+    is paid once, not once per model. CPU actors split the node's cores between the actors that
+    share it (Ray pins an actor to one thread otherwise).
+    """
+
+    def __init__(self, sources: list[dict[str, Any]], actors_per_node: int = 1):
+        self.sources = [ModelSource(**source) for source in sources]
+        self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // actors_per_node))
+        self.models = [load_embedding_model(source, self.device) for source in self.sources]
+        self.bf16 = [uses_bf16(source.precision, self.device) for source in self.sources]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {key: value for key, value in batch.items() if key != "image"}
+        for i, (source, model) in enumerate(zip(self.sources, self.models, strict=True)):
+            out[f"embedding_{i}"] = embed_images(model, batch["image"], source.image_size, self.device, self.bf16[i])
+        return out
+
+
+def embedding_dataset(images: ray.data.Dataset, sources: list[ModelSource], plan: dict[str, Any],
+                      batch_size: int) -> ray.data.Dataset:
+    """``images`` (an ``image`` column, any others) -> the same rows with ``embedding_<i>`` instead of ``image``."""
+    return images.map_batches(EmbedBatches, batch_size=batch_size, batch_format="numpy", compute=plan["compute"],
+                              num_gpus=plan["num_gpus"], num_cpus=plan["num_cpus"],
+                              fn_constructor_kwargs={"sources": [dataclasses.asdict(s) for s in sources],
+                                                     "actors_per_node": plan["actors_per_node"]})
+
+
+def stream_embeddings(data: PreparedData, sources: list[ModelSource], plan: dict[str, Any],
+                      batch_size: int) -> dict[str, dict[str, np.ndarray]]:
+    """Embed every split of ``data`` with every source in one streaming pass (Ray Data actor pool).
+
+    Returns ``{split: {"id", "label", "embedding_<i>"}}`` (rows in arrival order) and logs progress every
+    ``PROGRESS_EVERY_S`` seconds.
+    """
+    columns = ["id", "label", *(f"embedding_{i}" for i in range(len(sources)))]
+    parts: dict[str, list[dict[str, np.ndarray]]] = {split: [] for split in SPLITS}
+    total = sum(data.rows(split) for split in SPLITS)
+    started = last_log = time.perf_counter()
+    done = 0
+    images = read_prepared(data, readers=plan["actors"])
+    for batch in embedding_dataset(images, sources, plan, batch_size).iter_batches(batch_size=None,
+                                                                                   batch_format="numpy"):
+        splits = np.asarray(batch["split"])
+        for split in np.unique(splits):
+            keep = splits == split
+            parts[str(split)].append({k: np.asarray(batch[k])[keep] for k in columns})
+        done += len(splits)
+        if time.perf_counter() - last_log > PROGRESS_EVERY_S or done == total:
+            last_log, rate = time.perf_counter(), done / (time.perf_counter() - started)
+            log(f"embedded {done}/{total} images ({rate:.0f} images/s, about {(total - done) / rate:.0f} s left)")
+    merged = {}
+    for split, chunks in parts.items():
+        if not chunks:
+            raise RuntimeError(f"no rows came back for split {split}")
+        merged[split] = {k: np.concatenate([c[k] for c in chunks]) for k in columns}
+    return merged
+
+
+def ensure_embeddings(data: PreparedData, run_dir: str, sources: list[ModelSource], batch_size: int,
+                      use_gpu: str = "auto", num_actors: int = 0) -> list[str]:
+    """Embed every split with every source whose embeddings are missing or stale; returns the names embedded."""
+    run = RunPaths.of(run_dir)
+    fingerprint = data.fingerprint()
+    todo = [s for s in sources if not up_to_date(run_dir, s.name, s.identity(fingerprint))]
+    for source in sources:
+        if source not in todo:
+            log(f"{source.name}: embeddings up to date ({run.embeddings(source.name)}); skipping")
+    if not todo:
+        return []
+    plan = actor_plan(use_gpu, num_actors)
+    for source in todo:
+        run.embeddings(source.name).mkdir(parents=True, exist_ok=True)
+        (run.embeddings(source.name) / SOURCE_FILE).unlink(missing_ok=True)  # stale until rewritten
+    started = time.perf_counter()
+    log(f"embedding every split with {', '.join(s.name for s in todo)} on {plan['actors']} "
+        f"{'GPU' if plan['on_gpu'] else 'CPU'} actor(s)")
+    merged = stream_embeddings(data, todo, plan, batch_size)
+    for i, source in enumerate(todo):
+        folder = run.embeddings(source.name)
+        for split, table in merged.items():
+            write_split(folder / f"{split}.parquet", table["id"], table["label"], table[f"embedding_{i}"])
+        write_json(folder / SOURCE_FILE, source.identity(fingerprint))  # last: marks the folder complete
+    rows, seconds = sum(len(t["id"]) for t in merged.values()), time.perf_counter() - started
+    log(f"embedded {rows} images with {len(todo)} model(s) in {seconds:.1f} s "
+        f"({rows * len(todo) / seconds:.0f} embeddings/s) -> {run.embeddings('*')}")
+    return [s.name for s in todo]

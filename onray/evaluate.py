@@ -1,0 +1,81 @@
+"""``jobs.evaluate`` on Ray: embed with every model on the actor pool, then score, stack, cluster and report.
+
+Rerunning with the same models, data and flags does nothing (``metrics.json`` records them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from lib.config import to_dict
+from lib.console import log
+from lib.dataset import SPLITS, PreparedData
+from lib.embedding import check_loadable, model_sources, read_embeddings, up_to_date
+from lib.evaluation import (
+    EvaluateConfig,
+    check_aligned,
+    cluster_model,
+    describe_weights,
+    export_blocks,
+    finished,
+    save_index,
+    score_model,
+    stacked_model,
+    write_figures,
+)
+from lib.io import atomic_copy, ensure_writable_dir, write_json, write_text
+from lib.paths import RunPaths
+from lib.report import STACKED, best_model, metrics_document, results_markdown, write_embeddings_csv
+from onray.embed import ensure_embeddings
+from onray.runtime import init_ray
+
+
+def evaluate_run(cfg: EvaluateConfig) -> tuple[Path, str]:
+    """Evaluate ``cfg.run_dir``'s models; returns ``RUN/eval`` and the results table (markdown)."""
+    run = RunPaths.of(cfg.run_dir)
+    cfg = dataclasses.replace(cfg, run_dir=str(run.root), data_dir=str(Path(cfg.data_dir).expanduser().absolute()))
+    data = PreparedData.open(cfg.data_dir)
+    sources = model_sources(cfg.run_dir, cfg.backbones, cfg.include_untrained, cfg.weights, cfg.embedding_dim,
+                            cfg.image_size, cfg.seed, cfg.precision)
+    fingerprint = data.fingerprint()
+    config = {**to_dict(cfg), "sources": {s.name: s.identity(fingerprint) for s in sources}}
+    if finished(run.eval, config):
+        log(f"nothing to do: {run.eval} already holds this evaluation")
+        return run.eval, (run.eval / "results.md").read_text()
+    check_loadable([s for s in sources if not up_to_date(cfg.run_dir, s.name, s.identity(fingerprint))])
+    out = ensure_writable_dir(run.eval)
+    # the outputs below are about to change: a reader must not take the old report for this evaluation's
+    (out / "metrics.json").unlink(missing_ok=True)
+    (out / "results.md").unlink(missing_ok=True)
+    init_ray()
+    log(f"embedding train/val/test with {', '.join(s.name for s in sources)}")
+    ensure_embeddings(data, cfg.run_dir, sources, cfg.batch_size, cfg.use_gpu, cfg.num_actors)
+    embeddings = {s.name: {split: read_embeddings(cfg.run_dir, s.name, split) for split in SPLITS} for s in sources}
+    check_aligned(embeddings, run)
+    stack = [s.name for s in sources if not s.baseline]
+    models: dict = {}
+    if len(stack) >= 2:
+        embeddings[STACKED], models[STACKED] = stacked_model(cfg, embeddings, stack)
+    clusters, cluster_ids = {}, {}
+    for name, splits in embeddings.items():
+        models[name] = score_model(name, splits, cfg.faiss_use_gpu, models.get(name, {}))
+        clusters[name], cluster_ids[name] = cluster_model(name, splits["test"], cfg.seed)
+    models = {name: models[name] for name in embeddings}  # report in evaluation order
+    best = best_model(models)
+    best_single = best_model(models, [name for name in models if name != STACKED])
+    write_figures(cfg, data, out, embeddings[best], best, cluster_ids[best], clusters[best])
+    save_index(cfg, data, out, embeddings[best_single]["train"], best_single)
+    write_embeddings_csv(out / "embeddings.csv", export_blocks(embeddings, cfg.csv_rows, cfg.seed))
+    for source in sources:
+        curve = run.model(source.backbone) / "loss_curve.png"
+        if source.trained and curve.is_file():
+            atomic_copy(curve, out / f"loss_curve_{source.backbone}.png")
+    metrics = metrics_document(models, clusters, config)
+    notes = [f"Models: {', '.join(f'{s.name} ({describe_weights(run, s)})' for s in sources)}. "
+             f"Best by mAP@5 G: {best}; t-SNE, clusters and retrieval grid show {best}; "
+             f"the saved index (jobs.search) is {best_single}'s train gallery."]
+    table = results_markdown(metrics, notes)
+    write_text(out / "results.md", table)
+    write_json(out / "metrics.json", metrics)  # last: marks the evaluation complete
+    return out, table

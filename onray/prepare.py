@@ -1,0 +1,115 @@
+"""``jobs.prepare`` on Ray: list a source in the driver, decode and write Parquet in Ray Data tasks.
+
+Output: ``DATA/{train,val,test}/part-*.parquet`` and ``DATA/manifest.json`` (see :mod:`lib.dataset`).
+Rerunning into a complete DATA does nothing; into a partial one (a crash) it prepares it again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from lib import dataset as ds
+from lib.console import log
+from lib.io import ensure_writable_dir, replace_dir, staging_dir, write_json
+from lib.prepare import (
+    PrepareConfig,
+    assign_splits,
+    check_existing,
+    check_written,
+    identity,
+    manifest_document,
+)
+from lib.sources import Listing, list_source, parse_source
+from onray.runtime import init_ray
+
+# Images per Ray Data block: one decode task and one Parquet file per block and split.
+ROWS_PER_BLOCK = 2500
+
+
+def listing_blocks(listing: Listing, splits: np.ndarray) -> list[pa.Table]:
+    """The listing as Arrow tables of at most ROWS_PER_BLOCK rows: one Ray Data block (task) each."""
+    order = np.argsort(np.asarray([ds.SPLITS.index(s) for s in splits]), kind="stable")
+    columns = {"row": np.arange(len(listing)), "id": np.asarray(listing.ids, dtype=object),
+               "label": listing.labels, "split": splits}
+    if listing.paths is not None:
+        columns["path"] = np.asarray(listing.paths, dtype=object)
+    blocks = []
+    for start in range(0, len(order), ROWS_PER_BLOCK):
+        take = order[start:start + ROWS_PER_BLOCK]
+        block = {name: pa.array(values[take].tolist() if values.dtype == object else values[take])
+                 for name, values in columns.items()}
+        if listing.images is not None:
+            block["image"] = pa.FixedShapeTensorArray.from_numpy_ndarray(listing.images[take])
+        blocks.append(pa.table(block))
+    return blocks
+
+
+def decode_and_write(listing: Listing, splits: np.ndarray, out_dir: Path) -> list[dict]:
+    """Run the decode-and-write batch function over the listing on Ray Data; returns the summaries."""
+    import ray
+
+    dataset = ray.data.from_arrow(listing_blocks(listing, splits)).map_batches(
+        ds.write_shard_batch, batch_size=None, batch_format="numpy", zero_copy_batch=True,
+        fn_kwargs={"out_dir": str(out_dir), "image_shape": listing.image_shape, "classes": listing.classes})
+    return [json.loads(row["summary"]) for row in dataset.take_all()]
+
+
+def prepare_data(cfg: PrepareConfig) -> Path:
+    """Prepare ``cfg.data_dir``; returns it. Idempotent for a complete DATA; a run that wrote nothing
+    leaves no folder behind."""
+    started = time.perf_counter()
+    parse_source(cfg.source)  # a bad --source fails before any folder is created
+    created = not Path(cfg.data_dir).expanduser().exists()
+    data_dir = ensure_writable_dir(cfg.data_dir)
+    try:
+        return _prepare(cfg, data_dir, started)
+    except BaseException:
+        if created and not any(data_dir.iterdir()):
+            data_dir.rmdir()
+        raise
+
+
+def _prepare(cfg: PrepareConfig, data_dir: Path, started: float) -> Path:
+    source = parse_source(cfg.source)
+    wanted = identity(cfg, source)
+    if check_existing(data_dir, wanted):
+        log(f"{data_dir} is already prepared from {source}; nothing to do")
+        return data_dir
+
+    log(f"listing {source}")
+    listing = list_source(source, Path(cfg.cache_dir), cfg.test_fraction, cfg.seed)
+    splits = assign_splits(listing, cfg.val_fraction, cfg.seed)
+    log(f"{len(listing)} images in {len(listing.classes)} classes ({listing.notes['layout']}), "
+        f"stored as {listing.image_shape[0]}x{listing.image_shape[1]} RGB; "
+        + ", ".join(f"{s} {int((splits == s).sum())}" for s in ds.SPLITS))
+
+    # A stale manifest must never describe files from this run: remove it before anything moves.
+    (data_dir / ds.MANIFEST).unlink(missing_ok=True)
+    for leftover in data_dir.glob(".prepare.*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staged = staging_dir(data_dir, "prepare")
+    try:
+        init_ray()
+        decode_started = time.perf_counter()
+        merged = ds.merge_summaries(decode_and_write(listing, splits, staged), listing.classes)
+        decode_seconds = time.perf_counter() - decode_started
+        check_written(merged, cfg.skip_bad_images, source)
+        for split in ds.SPLITS:
+            (staged / split).mkdir(exist_ok=True)
+            replace_dir(staged / split, data_dir / split)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+    manifest = manifest_document(cfg, wanted, listing, merged, decode_seconds, time.perf_counter() - started)
+    write_json(data_dir / ds.MANIFEST, manifest)  # last: marks DATA complete
+    skipped = f", {len(merged['bad'])} unreadable files skipped" if merged["bad"] else ""
+    log(f"wrote {data_dir}: " + ", ".join(f"{s} {manifest['totals'][s]}" for s in ds.SPLITS)
+        + f" images{skipped}; decode+write {decode_seconds:.1f} s ({len(listing) / decode_seconds:,.0f} images/s), "
+          f"total {time.perf_counter() - started:.1f} s")
+    return data_dir

@@ -1,0 +1,248 @@
+"""The driver side of triplet fine-tuning: one Ray Train ``TorchTrainer`` per backbone, several at once.
+
+:func:`train_backbones` plans the workers, skips finished backbones, runs the others side by side
+(each :func:`fit_backbone` in a zero-CPU task) and keeps going when one fails. Each writes
+``RUN/models/<backbone>/``: ``model.pt`` (best epoch by val mAP@5), ``metrics.jsonl``, ``loss_curve.png``,
+``config.json`` and, last, ``summary.json`` (its presence marks a finished run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from lib.augment import AugmentSettings
+from lib.backbones import build_model, fetch_imagenet_weights
+from lib.checkpoints import load_train_state
+from lib.config import from_dict, to_dict
+from lib.console import log
+from lib.dataset import PreparedData
+from lib.errors import UserError, disk_error, failure_reason
+from lib.io import atomic_copy, atomic_open, ensure_writable_dir, write_json
+from lib.paths import RunPaths
+from lib.training import METRIC, TrainConfig, best_epoch, per_class_subset
+from onray.data import augmented_dataset
+from onray.plan import TrainPlan, cluster_cpus_gpus, plan_training
+from onray.runtime import init_ray, on_cluster
+from onray.train_loop import train_loop_per_worker
+
+# Settings that do not change what a training run computes: a rerun that differs only in them is the same run.
+NOT_RESULT_KEYS = ("max_failures", "inject_failure", "storage")
+
+
+class BackboneFailed(Exception):
+    """Some backbones' training failed (``failures``: backbone -> why); the others' results stand."""
+
+    def __init__(self, failures: dict[str, str]):
+        self.failures = failures
+        super().__init__("some backbones failed: " + "; ".join(f"{bb}: {why}" for bb, why in failures.items()))
+
+
+def model_dir(cfg: TrainConfig) -> Path:
+    return RunPaths.of(cfg.run_dir).model(cfg.backbone)
+
+
+def _result_settings(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in NOT_RESULT_KEYS}
+
+
+def finished(cfg: TrainConfig) -> bool:
+    """True when ``summary.json`` says this backbone was trained with exactly this resolved config."""
+    try:
+        summary = json.loads((model_dir(cfg) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (_result_settings(to_dict(cfg)) == _result_settings(summary.get("config", {}))
+            and (model_dir(cfg) / "model.pt").is_file())
+
+
+def train_run_name(cfg: TrainConfig) -> str:
+    """Ray Train's run name for ``cfg``: ``<backbone>-<digest of the resolved config>``. An interrupted run
+    resumes from its checkpoints only when rerun with the same config; a changed one starts afresh."""
+    settings = json.dumps(_result_settings(to_dict(cfg)), sort_keys=True, default=str)
+    return f"{cfg.backbone}-{hashlib.sha256(settings.encode()).hexdigest()[:10]}"
+
+
+def check_weights(cfg: TrainConfig) -> None:
+    """Fail before any cluster work when weights cannot be had (offline) or do not fit."""
+    for backbone in cfg.backbones:
+        if cfg.weights == "imagenet":
+            fetch_imagenet_weights(backbone)
+        elif cfg.weights != "none":
+            build_model(backbone, cfg.weights, cfg.embedding_dim)
+
+
+def build_trainer(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_per_node: int = 1, *,
+                  name: str, storage: str, callbacks: list | None = None) -> TorchTrainer:
+    """The ``TorchTrainer`` of one training run of ``cfg`` (used by :func:`fit_backbone` and each Tune trial).
+
+    Builds the Ray Datasets (augmented train subset, resized val subset); the run keeps its checkpoints
+    under ``storage/name``, so a second trainer with the same name and storage resumes from them.
+    ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
+    """
+    # The job logs its own per-epoch progress; per-epoch dataset bars would bury it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    data = PreparedData.open(cfg.data_dir)
+    settings = AugmentSettings(image_size=cfg.image_size)
+    datasets = {}
+    rows = 0
+    for split, per_class, augment in (("train", cfg.train_per_class, True), ("val", cfg.val_per_class, False)):
+        ids, labels = data.ids_and_labels(split)
+        keep = per_class_subset(ids, labels, per_class, cfg.seed) if per_class else None
+        rows = rows or (len(keep) if keep is not None else len(ids))
+        if split == "train" and rows // cfg.num_workers < cfg.batch_size:
+            raise UserError(f"{rows} train images give each of {cfg.num_workers} workers fewer than "
+                            f"--batch-size {cfg.batch_size}: lower --batch-size or --num-workers")
+        datasets[split] = augmented_dataset(data, split, settings, augment=augment, keep_ids=keep,
+                                            shuffle="blocks" if augment else "none")
+    resources = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": to_dict(cfg), "rows_per_worker": rows // cfg.num_workers,
+                           "num_classes": num_classes, "trainers_per_node": trainers_per_node},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=storage, callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
+                                               checkpoint_score_order="max")),
+        datasets=datasets,
+    )
+
+
+def local_run_folder(storage: str, name: str) -> Path | None:
+    """``storage/name`` when ``storage`` is a local path (or ``file://``); None for a URI such as ``s3://``."""
+    if storage.startswith("file://"):
+        storage = storage[len("file://"):]
+    elif "://" in storage:
+        return None
+    return Path(storage).expanduser() / name
+
+
+def check_resume_checkpoint(storage: str, name: str) -> None:
+    """Before a run resumes: load its newest ``checkpoint_*`` folder the way the workers will
+    (:func:`lib.checkpoints.load_train_state`, ``weights_only``), so a crafted or damaged checkpoint raises
+    one-line :class:`UserError` in the driver instead of crashing every worker the failure policy restarts.
+    Checks local storage only; a remote one is left to the workers."""
+    folder = local_run_folder(storage, name)
+    if folder is None or not folder.is_dir():
+        return
+    checkpoints = sorted(path for path in folder.glob("checkpoint_*") if path.is_dir())  # names sort by time
+    if checkpoints:
+        load_train_state(checkpoints[-1], "cpu", run_folder=folder)
+
+
+def fit_backbone(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_per_node: int = 1) -> dict[str, Any]:
+    """Train ``cfg.backbone`` (resuming a run in the same storage) and write its outputs; returns the summary.
+
+    ``trainers_per_node``: how many trainers share each machine's cores (CPU workers split them).
+    """
+    out = model_dir(cfg)
+    name, storage = train_run_name(cfg), cfg.storage or str(out)
+    check_resume_checkpoint(storage, name)  # a bad checkpoint fails here, once, not in every restarted worker
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)  # an earlier config's outputs are stale from here on
+    trainer = build_trainer(cfg, use_gpu, num_classes, trainers_per_node, name=name, storage=storage)
+    started = time.perf_counter()
+    result = trainer.fit()
+    return write_outputs(cfg, result, time.perf_counter() - started)
+
+
+def write_outputs(cfg: TrainConfig, result, seconds: float) -> dict[str, Any]:
+    """From a finished Ray Train result: best model, per-epoch metrics, curve PNG, config, summary (last)."""
+    from lib.plots import loss_curve_figure, save_figure
+
+    out = model_dir(cfg)
+    with result.checkpoint.as_directory() as folder:
+        history = json.loads((Path(folder) / "history.json").read_text())
+    best_row = best_epoch(history)
+    best_checkpoint = max(result.best_checkpoints, key=lambda pair: pair[1].get(METRIC, -1.0))[0]
+    with best_checkpoint.as_directory() as folder:
+        atomic_copy(Path(folder) / "model.pt", out / "model.pt")
+    with atomic_open(out / "metrics.jsonl", "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in history)
+    save_figure(loss_curve_figure(history, title=f"{cfg.backbone} ({cfg.preset}, weights {cfg.weights})"),
+                out / "loss_curve.png")
+    write_json(out / "config.json", to_dict(cfg))
+    summary = {"backbone": cfg.backbone, "epochs_run": history[-1]["epoch"], "best_epoch": best_row["epoch"],
+               "untrained": {k: history[0][k] for k in (METRIC, "val_p@5", "val_loss")},
+               "best": {k: best_row[k] for k in (METRIC, "val_p@5", "val_loss", "train_loss")},
+               # every epoch's time, those before a resume included; this run's wall time beside it
+               "train_seconds": round(sum(row.get("epoch_seconds", 0.0) for row in history), 1),
+               "wall_seconds_this_run": round(seconds, 1), "checkpoint": best_checkpoint.path, "config": to_dict(cfg)}
+    write_json(out / "summary.json", summary)
+    log(f"{cfg.backbone}: best val mAP@5 {best_row[METRIC]:.3f} at epoch {best_row['epoch']} "
+        f"(untrained {history[0][METRIC]:.3f}) -> {out}")
+    return summary
+
+
+@ray.remote(num_cpus=0)
+def _fit_remote(config: dict, use_gpu: bool, num_classes: int, trainers_per_node: int) -> dict[str, Any]:
+    return fit_backbone(from_dict(TrainConfig, config), use_gpu, num_classes, trainers_per_node)
+
+
+def plan(cfg: TrainConfig) -> TrainPlan:
+    """The running cluster's plan for ``cfg`` (see :func:`onray.plan.plan_training`)."""
+    cpus, gpus = cluster_cpus_gpus()
+    return plan_training(cfg.use_gpu, cfg.num_workers, len(cfg.backbones), cpus, gpus)
+
+
+def train_backbones(given: TrainConfig) -> list[TrainConfig]:
+    """Train every backbone of ``given`` (each resolved on its own), as many at once as the cluster fits.
+
+    Returns each backbone's resolved config; raises :class:`BackboneFailed` naming the backbones that failed
+    after the others finished.
+    """
+    given = dataclasses.replace(given, run_dir=str(RunPaths.of(given.run_dir).root),
+                                data_dir=str(Path(given.data_dir).expanduser().absolute()))
+    cfg = given.resolve()
+    data = PreparedData.open(cfg.data_dir)
+    ensure_writable_dir(RunPaths.of(cfg.run_dir).models)
+    check_weights(cfg)
+    init_ray()
+    shape = plan(cfg)
+    # each backbone resolves on its own: a preset may size epochs per backbone (BACKBONE_PRESETS)
+    configs = {bb: dataclasses.replace(given.for_backbone(bb).resolve(), num_workers=shape.num_workers)
+               for bb in cfg.backbones}
+    todo = [bb for bb in cfg.backbones if not finished(configs[bb])]
+    for done in sorted(set(cfg.backbones) - set(todo)):
+        log(f"{done}: already trained with this config ({model_dir(configs[done])}); skipping")
+    log(f"training {', '.join(f'{bb} ({configs[bb].epochs} epochs)' for bb in todo) or 'nothing'} on "
+        f"{shape.num_workers} {'GPU' if shape.use_gpu else 'CPU'} worker(s) each, up to {shape.concurrent} at a "
+        f"time; preset {cfg.preset}, weights {cfg.weights}")
+
+    # A local Ray runs every trainer on this machine: CPU workers split its cores instead of each
+    # taking all of them (oversubscribed threads slow everyone down). On a cluster they spread out.
+    sharing = 1 if shape.use_gpu or on_cluster() else max(1, min(shape.concurrent, len(todo)))
+    pending, running, failures = list(todo), {}, {}
+    while pending or running:
+        while pending and len(running) < shape.concurrent:
+            backbone = pending.pop(0)
+            ref = _fit_remote.remote(to_dict(configs[backbone]), shape.use_gpu, len(data.classes), sharing)
+            running[ref] = backbone
+        ready, _ = ray.wait(list(running), num_returns=1)
+        backbone = running.pop(ready[0])
+        try:
+            ray.get(ready[0])
+        except ray.exceptions.RayError as err:
+            cause = getattr(err, "cause", None) or err
+            if isinstance(cause, UserError):
+                raise cause from None
+            if disk_error(cause) is not None:
+                raise disk_error(cause) from None
+            failures[backbone] = failure_reason(cause)
+            log(f"{backbone}: FAILED - {failures[backbone]}")
+            traceback.print_exception(cause, file=sys.stderr, limit=-3)
+    if failures:
+        raise BackboneFailed(failures)
+    return list(configs.values())

@@ -1,0 +1,148 @@
+"""Checkpoint folders are data: real ones load with weights_only, crafted or damaged ones raise one line."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from lib.backbones import build_model
+from lib.checkpoints import MODEL_FILE, TRAIN_STATE_FILE, load_train_state
+from lib.errors import UserError
+from lib.training import TrainConfig, make_optimizer
+
+
+class _RunsCode:
+    """Pickles as a call of ``func(*args)``: what a crafted file would make ``weights_only=False`` do."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _touch(marker):
+    return _RunsCode(os.system, f"touch '{marker}'")
+
+
+def _tiny_model():
+    """Conv + batch norm + linear: the kinds of state resnet50 has, in milliseconds."""
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 8))
+
+
+def _training_parts(model_name="tiny", steps_per_epoch=2):
+    cfg = TrainConfig(data_dir="d", run_dir="r", backbones=("resnet50",), preset="smoke").resolve()
+    torch.manual_seed(0)
+    model = build_model("resnet50", "none", 8) if model_name == "resnet50" else _tiny_model()
+    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch)
+    return model, optimizer, scheduler
+
+
+def save_real_checkpoint(folder, model_name="tiny"):
+    """One training step of a model + AdamW + LambdaLR, saved exactly as onray.train_loop._report does."""
+    model, optimizer, scheduler = _training_parts(model_name)
+    model.train()
+    loss = model(torch.randn(4, 3, 32, 32)).sum()
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    history = [{"epoch": 0, "val_loss": 0.19, "val_map@5": 0.2, "val_p@5": 0.25},
+               {"epoch": 1, "train_loss": 0.18, "active_fraction": 0.5, "spread": 1.2, "lr": scheduler.get_last_lr()[0],
+                "steps": 1, "images_per_s": 10.5, "epoch_seconds": 0.4, "val_loss": 0.17, "val_map@5": 0.3,
+                "val_p@5": 0.35, "resumed_from": 0, "note": "a string"}]
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / MODEL_FILE)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history},
+               folder / TRAIN_STATE_FILE)
+    return model, optimizer, scheduler, history
+
+
+@pytest.mark.parametrize("model_name", ["resnet50", "tiny"])
+def test_a_real_checkpoint_loads_and_resumes(tmp_path, model_name):
+    model, optimizer, scheduler, history = save_real_checkpoint(tmp_path / "ckpt", model_name)
+    model_state, state = load_train_state(tmp_path / "ckpt", "cpu")
+    assert state["history"] == history
+    fresh, fresh_optimizer, fresh_scheduler = _training_parts(model_name)
+    fresh.load_state_dict(model_state)  # strict, with the state dict's _metadata
+    fresh_optimizer.load_state_dict(state["optimizer"])
+    fresh_scheduler.load_state_dict(state["scheduler"])
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, fresh.state_dict()[name]), name
+    assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr() and fresh_scheduler.last_epoch == 1
+    saved, loaded = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
+    assert saved.keys() == loaded.keys() and len(saved) > 0
+    assert all(torch.equal(saved[k]["exp_avg"], loaded[k]["exp_avg"]) for k in saved)
+
+
+def test_the_crafted_file_would_run_code_without_weights_only(tmp_path):
+    """The control for the tests below: ``weights_only=False`` runs the crafted pickle."""
+    marker = tmp_path / "ran"
+    torch.save({"optimizer": _touch(marker), "scheduler": {}, "history": []}, tmp_path / TRAIN_STATE_FILE)
+    torch.load(tmp_path / TRAIN_STATE_FILE, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("target", [TRAIN_STATE_FILE, MODEL_FILE])
+@pytest.mark.parametrize("writer", ["torch.save", "plain pickle"])
+def test_a_crafted_checkpoint_file_is_refused_without_running_it(tmp_path, target, writer):
+    folder = tmp_path / "run" / "checkpoint_2025-01-01_00-00-00.000000"
+    save_real_checkpoint(folder)
+    marker = tmp_path / "ran"
+    crafted = {"optimizer": _touch(marker), "scheduler": {}, "history": [{"epoch": 1}]}
+    if writer == "torch.save":
+        torch.save(crafted, folder / target)
+    else:
+        (folder / target).write_bytes(pickle.dumps(crafted))
+    with pytest.raises(UserError) as err:
+        load_train_state(folder, "cpu", run_folder=folder.parent)
+    message = str(err.value)
+    assert f"refusing to load checkpoint file {folder / target}: " in message and "\n" not in message
+    assert f"delete the run's checkpoints ({folder.parent}) or use another --run-dir" in message
+    if writer == "torch.save":
+        assert "it asks to run posix.system" in message or "it asks to run nt.system" in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing", "not_a_train_state", "no_history"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, damage):
+    folder = tmp_path / "ckpt"
+    save_real_checkpoint(folder)
+    path = folder / TRAIN_STATE_FILE
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    elif damage == "garbage":
+        path.write_bytes(b"not a checkpoint" * 10)
+    elif damage == "missing":
+        path.unlink()
+    elif damage == "not_a_train_state":
+        torch.save([1, 2, 3], path)
+    else:
+        torch.save({"optimizer": {}, "scheduler": {}, "history": []}, path)
+    with pytest.raises(UserError) as err:
+        load_train_state(folder, "cpu")
+    message = str(err.value)
+    assert str(path) in message and "delete it or use another --run-dir" in message and "\n" not in message
+
+
+def test_the_driver_checks_the_newest_local_checkpoint_before_resuming(tmp_path):
+    from onray.trainer import check_resume_checkpoint, local_run_folder
+
+    storage, name = tmp_path / "models" / "resnet50", "resnet50-0123456789"
+    check_resume_checkpoint(str(storage), name)  # nothing there yet: a fresh run
+    save_real_checkpoint(storage / name / "checkpoint_2025-01-01_00-00-00.000000")
+    check_resume_checkpoint(str(storage), name)  # a real checkpoint passes
+    newest = storage / name / "checkpoint_2025-01-01_00-00-05.000000"
+    save_real_checkpoint(newest)
+    marker = tmp_path / "ran"
+    torch.save({"optimizer": _touch(marker)}, newest / TRAIN_STATE_FILE)
+    with pytest.raises(UserError, match=f"refusing to load checkpoint file {newest / TRAIN_STATE_FILE}: .*"
+                                        f"delete the run's checkpoints \\({storage / name}\\)"):
+        check_resume_checkpoint(str(storage), name)
+    with pytest.raises(UserError):
+        check_resume_checkpoint(f"file://{storage}", name)
+    assert not marker.exists()
+    check_resume_checkpoint("s3://bucket/models", name)  # remote storage: left to the workers
+    assert local_run_folder("s3://bucket/models", name) is None
+    assert local_run_folder(str(storage), name) == storage / name

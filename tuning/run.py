@@ -1,0 +1,148 @@
+"""One backbone's tune, end to end: the job's config, its checks, the Tune driver and the report.
+
+Writes ``RUN/tune/<backbone>/``: Tune's own results, ``trials.md``, ``tune.png`` and, last,
+``best.json``, which ``jobs.train --hparams`` accepts. Rerunning into the same RUN resumes an
+interrupted tune and leaves a finished one alone. A bad search space stops the job before Ray,
+Train and Tune are imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+from lib.backbones import check_backbones
+from lib.config import check_ranges, option, to_dict
+from lib.console import log
+from lib.dataset import PreparedData
+from lib.devices import USE_GPU_HELP, UseGpu
+from lib.errors import UserError
+from lib.io import ensure_writable_dir, write_json
+from lib.paths import RunPaths, absolute
+from lib.training import METRIC, Preset, TrainConfig
+from tuning.spaces import fixed_values, load_space, preset_space, searched_keys
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneJobConfig:
+    """Search training hyper-parameters with Ray Tune (ASHA early stopping, random or Optuna search)."""
+
+    data_dir: str = option(help="prepared data set (jobs.prepare's DATA)")
+    run_dir: str = option(help="run folder; results go to RUN/tune/<backbone>/")
+    backbone: str = option("resnet50", help="the backbone to tune")
+    preset: Preset = option("quick", help="smoke: seconds, for tests; quick: ~15 min on a CPU; full: GPUs")
+    num_samples: int | None = option(None, help="trials to run (default: by preset)")
+    search: Literal["random", "optuna"] = option("random", help="random sampling or Optuna's TPE")
+    space: str = option("", help="YAML search space {key: {uniform|loguniform|choice|grid: [...]}} "
+                                 "(default: the preset's)")
+    max_concurrent: int | None = option(None, help="trials at once (default: what the cluster fits)")
+    grace_period: int | None = option(None, help="ASHA: epochs every trial runs before it can be stopped")
+    reduction_factor: float | None = option(None, help="ASHA: keep the best 1/N at each rung")
+    epochs: int | None = option(None, help="epochs per trial (default: by preset)")
+    train_per_class: int | None = option(None, help="train images per class in each trial (0 = all)")
+    val_per_class: int | None = option(None, help="val images per class for the trials' mAP@5 (0 = all)")
+    weights: str = option("", help="imagenet | none | PATH (default: by preset)")
+    num_workers: int | None = option(None, help="Ray Train workers per trial (default: 1)")
+    use_gpu: UseGpu = option("auto", help=USE_GPU_HELP)
+    storage: str = option("", help="Tune's and the trials' Ray Train state: a path or s3://... "
+                                   "(default: RUN/tune/<backbone>)")
+    max_failures: int = option(2, help="retries of a failed trial (it resumes from its last checkpoint)")
+    seed: int = option(0, help="seed of the search and of every trial's training")
+
+    def __post_init__(self) -> None:
+        check_backbones([self.backbone])
+        check_ranges(self, positive=("num_samples", "max_concurrent", "grace_period", "epochs", "num_workers"),
+                     non_negative=("train_per_class", "val_per_class", "max_failures", "seed"))
+        if self.reduction_factor is not None and self.reduction_factor <= 1:
+            raise UserError(f"--reduction-factor must be greater than 1, got {self.reduction_factor}")
+
+
+class TuneFailed(Exception):
+    """No trial reported a validation score."""
+
+
+def tune_backbone(cfg: TuneJobConfig) -> Path:
+    """Tune ``cfg.backbone`` (or resume it, or find it done); returns its ``best.json``."""
+    cfg = dataclasses.replace(cfg, run_dir=str(absolute(cfg.run_dir)), data_dir=str(absolute(cfg.data_dir)))
+    space = load_space(cfg.space) if cfg.space else preset_space(cfg.preset)
+    if cfg.search == "optuna":
+        if any(dim.kind == "grid" for dim in space.values()):
+            raise UserError("--search optuna cannot run grid dimensions; use choice, or --search random")
+        if importlib.util.find_spec("optuna") is None:
+            raise UserError("--search optuna needs the optuna package: pip install optuna")
+    # A bad space stops the job above, before Ray, Train and Tune are imported (seconds).
+    from onray.plan import cluster_cpus_gpus, plan_trials
+    from onray.runtime import init_ray, on_cluster
+    from onray.trainer import check_weights, plan
+    from tuning import driver, report
+
+    preset = driver.TUNE_PRESETS[cfg.preset]
+    given = {k: getattr(cfg, k) for k in ("epochs", "train_per_class", "val_per_class") if getattr(cfg, k) is not None}
+    # Ray Train restarts no workers itself: Tune's retry of the trial resumes it from its checkpoint.
+    base = TrainConfig(data_dir=cfg.data_dir, run_dir=cfg.run_dir, backbones=(cfg.backbone,), preset=cfg.preset,
+                       weights=cfg.weights, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, seed=cfg.seed,
+                       max_failures=0, **{**preset["train"], **given, **fixed_values(space)}).resolve()
+    data = PreparedData.open(cfg.data_dir)
+    out = ensure_writable_dir(RunPaths.of(cfg.run_dir).tune(cfg.backbone))
+    settings = {"search": cfg.search, "num_samples": cfg.num_samples or preset["num_samples"],
+                "grace_period": cfg.grace_period or preset["grace_period"],
+                "reduction_factor": cfg.reduction_factor or preset["reduction_factor"],
+                "space": {key: {dim.kind: list(dim.values)} for key, dim in space.items()}}
+    identity = {**settings, "train": {k: v for k, v in to_dict(base).items() if k != "max_failures"}}
+    _check_same_tune(out, identity)
+    if (out / "best.json").is_file():
+        log(f"{cfg.backbone}: already tuned with these settings; best hyper-parameters in {out / 'best.json'}")
+        return out / "best.json"
+    check_weights(base)
+    init_ray()
+    shape = plan(base)
+    base = dataclasses.replace(base, num_workers=shape.num_workers)
+    fits = plan_trials(base.num_workers, shape.use_gpu, *cluster_cpus_gpus())
+    if cfg.max_concurrent and cfg.max_concurrent > fits:
+        log(f"warning: --max-concurrent {cfg.max_concurrent} is more than the {fits} trial(s) this cluster "
+            f"fits now; Ray Data may wait for CPUs that trial drivers hold")
+    concurrent = cfg.max_concurrent or fits
+    write_json(out / "tune_config.json", identity)
+    trials = settings["num_samples"] * math.prod(len(d.values) for d in space.values() if d.kind == "grid")
+    log(f"tuning {cfg.backbone}: {trials} trial(s), {cfg.search} search, up to {concurrent} at "
+        f"once on {base.num_workers} {'GPU' if shape.use_gpu else 'CPU'} worker(s) each, {base.epochs} epoch(s), "
+        f"ASHA grace {settings['grace_period']} / factor {settings['reduction_factor']}; "
+        f"space {', '.join(f'{k} {next(iter(v))}' for k, v in settings['space'].items())}")
+    local = not shape.use_gpu and not on_cluster()
+    storage = f"{cfg.storage.rstrip('/')}/tune/{cfg.backbone}" if cfg.storage else str(out)
+    results = driver.fit(base, space, storage, search=cfg.search, num_samples=settings["num_samples"],
+                         grace_period=settings["grace_period"], reduction_factor=settings["reduction_factor"],
+                         max_concurrent=concurrent, max_failures=cfg.max_failures, use_gpu=shape.use_gpu,
+                         num_classes=len(data.classes), trainers_per_node=concurrent if local else 1)
+    if not driver.finished(results):
+        raise KeyboardInterrupt  # Tune saved its state; a rerun into the same RUN resumes it
+    rows = driver.trial_rows(results, base)
+    if report.best_row(rows) is None:
+        why = next((row["error"] for row in rows if row["error"]), "no trial reported a score")
+        raise TuneFailed(f"every trial failed ({why}); details under {storage}/{driver.EXPERIMENT}")
+    best = report.write_report(out, rows, searched_keys(space), cfg.backbone, cfg.preset)
+    print((out / "trials.md").read_text(), end="")
+    log(f"{cfg.backbone}: best {METRIC} {best[METRIC]:.4f} with "
+        f"{', '.join(f'{k} {best[k]:.4g}' if isinstance(best[k], float) else f'{k} {best[k]}' for k in searched_keys(space))}"
+        f" -> {out / 'best.json'} (jobs.train --hparams)")
+    return out / "best.json"
+
+
+def _check_same_tune(out: Path, identity: dict) -> None:
+    """A RUN holds one tune per backbone: a rerun with other settings must not mix into it."""
+    try:
+        previous = json.loads((out / "tune_config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if previous != identity:
+        changed = sorted(k for k in {*previous, *identity} if previous.get(k) != identity.get(k))
+        if "train" in changed:
+            changed.remove("train")
+            changed += sorted(k for k in {*previous["train"], *identity["train"]}
+                              if previous["train"].get(k) != identity["train"].get(k))
+        raise UserError(f"{out} holds a tune with other settings ({', '.join(changed)} differ): "
+                        f"rerun with the same flags to resume it, or use another --run-dir")
