@@ -12,7 +12,6 @@ print(measure(PreparedData.open('DATA')))"``.
 
 from __future__ import annotations
 
-import os
 import statistics
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from benchmarks.common import BenchmarkConfig, _median, interleave, prepared
 from lib.dataset import SPLITS, PreparedData
+from lib.devices import available_cpus
 
 
 def measure(data: PreparedData, rounds: int = 3, backbones: tuple[str, ...] = ("resnet50",), image_size: int = 32,
@@ -28,7 +28,7 @@ def measure(data: PreparedData, rounds: int = 3, backbones: tuple[str, ...] = ("
     plain PyTorch loop, interleaved ``rounds``, each side once per round.
 
     Both sides embed every image with every network in ``backbones`` (seeded random weights, the same
-    on both sides), on the GPU when Ray's actors get one, else on the CPU with ``os.cpu_count()`` torch
+    on both sides), on the GPU when Ray's actors get one, else on the CPU with ``lib.devices.available_cpus()`` torch
     threads (the Ray side's actors split the cores; ``num_actors`` 0 is jobs.evaluate's choice). Reports
     median wall seconds, embeddings/s (images x networks), the ratio Ray / plain, and the largest difference
     between the two sides' vectors for the same ids (same function; bf16 sums in another order differ a little).
@@ -61,7 +61,7 @@ def measure(data: PreparedData, rounds: int = 3, backbones: tuple[str, ...] = ("
         return out
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(available_cpus())
     try:
         measured = interleave({"ray_actor_pool": through_ray, "plain_torch": plain_loop}, rounds, keep="last")
     finally:
@@ -79,7 +79,7 @@ def measure(data: PreparedData, rounds: int = 3, backbones: tuple[str, ...] = ("
             diff = max(diff, float(np.abs(ray_out[split][key][ray_order] - plain_out[split][key][plain_order]).max()))
     results: dict = {"images": images, "backbones": list(backbones), "image_size": image_size,
                      "batch_size": batch_size, "rounds": rounds, "actors": plan["actors"],
-                     "device": "GPU" if plan["on_gpu"] else "CPU", "torch_threads": os.cpu_count(),
+                     "device": "GPU" if plan["on_gpu"] else "CPU", "torch_threads": available_cpus(),
                      "max_abs_diff": round(diff, 6)}
     for name in ("ray_actor_pool", "plain_torch"):
         results[name] = {"wall_s": _median(measured.wall[name]), "cpu_s_driver": _median(measured.cpu[name]),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 
 from benchmarks.common import BenchmarkConfig, prepared
 from lib.console import log
+from lib.devices import available_cpus
 from lib.paths import RunPaths
 from onray.runtime import init_ray
 
@@ -105,7 +105,7 @@ def run(cfg: BenchmarkConfig, work: Path) -> dict:
     rows = np.asarray([str(i) in keep for i in split.ids])
     images = torch.from_numpy(np.ascontiguousarray(split.images[rows]))
     labels = torch.from_numpy(split.labels[rows].astype(np.int64))
-    threads = os.cpu_count() or 1
+    threads = available_cpus()
     torch.set_num_threads(threads)  # what jobs.train gives its single CPU worker
     bf16 = uses_bf16(train_cfg.precision, "cpu")  # the precision jobs.train's CPU worker runs in
     precision = "bf16" if bf16 else "fp32"

@@ -11,7 +11,6 @@ this job runs the chosen ones, prints each one's JSON as it finishes, then one s
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from types import ModuleType
 from benchmarks import embed, inputs, prepare, retrieval, train, tsne
 from benchmarks.common import BenchmarkConfig
 from jobs.cli import run_job
+from lib.devices import available_cpus
 from lib.io import ensure_writable_dir, write_json
 
 # name -> module with ``run(cfg, work) -> dict`` and ``summary(result) -> str`` (names: benchmarks.common.SUITE_NAMES)
@@ -30,7 +30,7 @@ SUITES: dict[str, ModuleType] = {
 def main(cfg: BenchmarkConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="cifar-bench-") as tmp:
         work = ensure_writable_dir(cfg.work_dir) if cfg.work_dir else Path(tmp)
-        results = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+        results = {"machine": {"cpus": available_cpus(), "python": sys.version.split()[0]}}
         for name in cfg.suites:
             results[name] = SUITES[name].run(cfg, work)
             print(f"{name}: {json.dumps(results[name])}", flush=True)

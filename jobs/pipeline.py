@@ -31,7 +31,7 @@ from lib.prepare import PrepareConfig
 from lib.training import Preset, TrainConfig
 from onray.evaluate import evaluate_run
 from onray.prepare import prepare_data
-from onray.runtime import init_ray
+from onray.runtime import check_cluster_paths, init_ray
 from onray.trainer import BackboneFailed, train_backbones
 
 DEFAULT_BACKBONES = ("densenet121", "resnet50", "vgg16")
@@ -130,6 +130,7 @@ def evaluate_stage(cfg: PipelineConfig) -> Path:
 
 
 def main(cfg: PipelineConfig) -> Path:
+    check_cluster_paths(run_dir=cfg.run_dir, storage=cfg.storage)
     run = RunPaths.of(cfg.run_dir)
     cfg = dataclasses.replace(cfg, run_dir=str(run.root))
     ensure_writable_dir(run.root)

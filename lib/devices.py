@@ -1,7 +1,11 @@
-"""Whether a stage runs on GPUs: one rule for training, embedding and faiss."""
+"""What this machine offers a stage: whether it runs on GPUs (one rule for training, embedding and faiss), and
+how many CPUs this process may use."""
 
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
 from typing import Literal
 
 from lib.errors import UserError
@@ -23,3 +27,38 @@ def resolve_use_gpu(use_gpu: str | bool, gpus: int, where: str, hint: str = "") 
         raise UserError(f"--use-gpu true, but {where} has no GPUs ({hint + '; ' if hint else ''}"
                         f"use --use-gpu auto or false)")
     return gpus > 0
+
+
+def cgroup_cpu_limit(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (``quota / period``), or None when unlimited or unknown.
+
+    Reads cgroup v2's ``cpu.max`` (``"max 100000"`` or ``"200000 100000"``) or v1's ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us`` (quota -1 = unlimited) under ``cgroup_root``, as a container sees its own cgroup.
+    """
+    root = Path(cgroup_root)
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for v1 in (root / "cpu", root / "cpu,cpuacct", root):
+        try:
+            quota = int((v1 / "cpu.cfs_quota_us").read_text())
+            period = int((v1 / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota <= 0 or period <= 0 else quota / period
+    return None
+
+
+def available_cpus(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: its affinity mask (``taskset``, cpusets), capped by its cgroup's CPU quota
+    (a container limited to 16 of a host's 192 cores gets 16, where ``os.cpu_count()`` says 192)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    limit = cgroup_cpu_limit(cgroup_root)
+    if limit is not None:
+        cpus = min(cpus, math.ceil(limit))
+    return max(1, cpus)

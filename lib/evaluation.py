@@ -177,11 +177,10 @@ def write_figures(cfg: EvaluateConfig, data: PreparedData, out: Path, splits: Sp
 
 def save_index(cfg: EvaluateConfig, data: PreparedData, out: Path, train: tuple, name: str) -> None:
     """``index.faiss``: an exact inner-product index of ``name``'s train embeddings; rows in ``index_rows.parquet``."""
-    import faiss
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lib.retrieval.index import l2_normalize
+    from lib.retrieval.index import faiss, l2_normalize
 
     ids, labels, vectors = train
     index = faiss.IndexFlatIP(vectors.shape[1])

@@ -15,6 +15,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from lib.augment import AugmentSettings, augment_batch, resize_batch
 from lib.dataset import PreparedData
+from lib.devices import available_cpus
 
 
 class BatchTransformDataset(Dataset):
@@ -54,6 +55,6 @@ def torch_loader(data_dir: str | os.PathLike, split: str = "train", batch_size: 
     arrays = PreparedData.open(data_dir).read_split(split)
     dataset = BatchTransformDataset(arrays.images, arrays.labels, settings, augment=augment)
     order = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
-    workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+    workers = available_cpus() if num_workers is None else num_workers
     return DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last=drop_last), batch_size=None,
                       num_workers=workers, persistent_workers=workers > 0)

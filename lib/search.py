@@ -39,11 +39,10 @@ def saved_index_info(run: RunPaths) -> dict[str, Any]:
 
 def load_gallery(run: RunPaths, info: dict[str, Any], model: str) -> Gallery:
     """``model``'s train gallery: the saved index, or one built from the model's stored train embeddings."""
-    import faiss
     import pyarrow.parquet as pq
 
     from lib.dataset import table_ids
-    from lib.retrieval.index import l2_normalize
+    from lib.retrieval.index import faiss, l2_normalize
 
     if model == info["model"]:
         rows = pq.read_table(run.eval / "index_rows.parquet")

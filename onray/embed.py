@@ -8,7 +8,6 @@ actor, and the rows come back to the driver, which writes ``RUN/embeddings/<name
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 
 from lib.console import log
 from lib.dataset import SPLITS, PreparedData
+from lib.devices import available_cpus
 from lib.embedding import (
     SOURCE_FILE,
     ModelSource,
@@ -48,7 +48,7 @@ class EmbedBatches:
         self.sources = [ModelSource(**source) for source in sources]
         self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // actors_per_node))
+            torch.set_num_threads(max(1, available_cpus() // actors_per_node))
         self.models = [load_embedding_model(source, self.device) for source in self.sources]
         self.bf16 = [uses_bf16(source.precision, self.device) for source in self.sources]
 

@@ -28,11 +28,12 @@ from lib.io import atomic_copy, ensure_writable_dir, write_json, write_text
 from lib.paths import RunPaths
 from lib.report import STACKED, best_model, metrics_document, results_markdown, write_embeddings_csv
 from onray.embed import ensure_embeddings
-from onray.runtime import init_ray
+from onray.runtime import check_cluster_paths, check_shared_storage, init_ray
 
 
 def evaluate_run(cfg: EvaluateConfig) -> tuple[Path, str]:
     """Evaluate ``cfg.run_dir``'s models; returns ``RUN/eval`` and the results table (markdown)."""
+    check_cluster_paths(data_dir=cfg.data_dir, run_dir=cfg.run_dir)
     run = RunPaths.of(cfg.run_dir)
     cfg = dataclasses.replace(cfg, run_dir=str(run.root), data_dir=str(Path(cfg.data_dir).expanduser().absolute()))
     data = PreparedData.open(cfg.data_dir)
@@ -49,6 +50,7 @@ def evaluate_run(cfg: EvaluateConfig) -> tuple[Path, str]:
     (out / "metrics.json").unlink(missing_ok=True)
     (out / "results.md").unlink(missing_ok=True)
     init_ray()
+    check_shared_storage(out, data.root)
     log(f"embedding train/val/test with {', '.join(s.name for s in sources)}")
     ensure_embeddings(data, cfg.run_dir, sources, cfg.batch_size, cfg.use_gpu, cfg.num_actors)
     embeddings = {s.name: {split: read_embeddings(cfg.run_dir, s.name, split) for split in SPLITS} for s in sources}

@@ -7,11 +7,13 @@ tested without one; the others read the running cluster.
 from __future__ import annotations
 
 import math
-import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from lib.devices import resolve_use_gpu
+from lib.console import log
+from lib.devices import available_cpus, resolve_use_gpu
 from lib.errors import UserError
 
 # CPUs left for Ray Data's read and augmentation tasks beside each trainer's workers.
@@ -21,6 +23,12 @@ DATA_CPUS = 1
 # processes preempted; separate processes do not. On 2 cores, two 1-thread actors embedded 60k images faster
 # than one 2-thread actor in 6 of 8 paired rounds (medians 53.2 vs 58.2 s in one run of 4; this machine drifts).
 MAX_CPU_ACTORS_PER_NODE = 8
+# CPUs the embedding actors leave to Ray Data's read tasks (each asks for 0.5).
+READER_CPUS = 1
+# How long a job waits for the autoscaler to bring up the GPU nodes it asked for (cloud GPU nodes take minutes).
+GPU_WAIT_S = 15 * 60
+# The cluster launcher's config on the head node, where `ray job submit` runs the job's driver.
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,86 @@ def cluster_cpus_gpus() -> tuple[int, int]:
 
     resources = ray.cluster_resources()
     return int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+
+
+def launcher_max_gpus(config: dict[str, Any]) -> int:
+    """GPUs a cluster-launcher config (``cluster.yaml``) can scale to: GPUs x ``max_workers`` per node type
+    (the head counts once), capped by the config's ``max_workers`` worker nodes in all."""
+    head = config.get("head_node_type")
+    per_worker, head_gpus = [], 0
+    for name, spec in (config.get("available_node_types") or {}).items():
+        gpus = int((spec.get("resources") or {}).get("GPU", 0))
+        if name == head:
+            head_gpus = gpus
+        elif gpus:
+            per_worker += [gpus] * int(spec.get("max_workers", 0))
+    limit = config.get("max_workers")
+    per_worker.sort(reverse=True)
+    return head_gpus + sum(per_worker[:limit] if limit is not None else per_worker)
+
+
+def scalable_gpus() -> int:
+    """GPUs the cluster's autoscaler can bring up: from the cluster config Ray publishes (autoscaler v2, the
+    reading Ray Train itself makes), else from the launcher's config on the head; 0 without an autoscaler."""
+    try:
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - a private API: without it, the launcher's file remains
+        limits = {}
+    if limits.get("GPU"):
+        return int(limits["GPU"])
+    try:
+        import yaml
+
+        return launcher_max_gpus(yaml.safe_load(BOOTSTRAP_CONFIG.expanduser().read_text()) or {})
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+def reachable_gpus(use_gpu: str, gpus: int, wanted: int = 1) -> int:
+    """GPUs a plan may count on: those the cluster has, else those its autoscaler can add. On a cluster whose
+    autoscaler limits are unknown, ``--use-gpu true`` counts on ``wanted`` (:func:`ensure_gpus` then waits and
+    says so if none come); a local Ray has no autoscaler."""
+    from onray.runtime import on_cluster
+
+    if gpus or str(use_gpu) == "false":
+        return gpus
+    scalable = scalable_gpus()
+    if not scalable and str(use_gpu) == "true" and on_cluster():
+        return wanted
+    return scalable
+
+
+def ensure_gpus(needed: int, timeout_s: float = GPU_WAIT_S, poll_s: float = 2.0) -> int:
+    """Ask the autoscaler for ``needed`` GPUs and wait until the cluster has them; returns the GPUs it has.
+
+    Logs while it waits; after ``timeout_s`` the request is withdrawn and a :class:`UserError` says so.
+    """
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    have = cluster_cpus_gpus()[1]
+    if have >= needed:
+        return have
+    request_resources(bundles=[{"GPU": 1}] * needed)
+    started = last_log = time.monotonic()
+    log(f"waiting for {needed} GPU(s): the cluster has {have} and its autoscaler is starting GPU nodes "
+        f"(giving up after {timeout_s / 60:.0f} min)")
+    try:
+        while (have := int(ray.cluster_resources().get("GPU", 0))) < needed:
+            if time.monotonic() - started > timeout_s:
+                raise UserError(f"the cluster did not bring up {needed} GPU(s) in {timeout_s / 60:.0f} min (it has "
+                                f"{have}): check the autoscaler (ray status, the cluster's GPU quota), or use "
+                                f"--use-gpu false")
+            if time.monotonic() - last_log > 60:
+                last_log = time.monotonic()
+                log(f"still waiting for GPUs: {have}/{needed} after {(last_log - started) / 60:.0f} min")
+            time.sleep(poll_s)
+    finally:
+        request_resources(bundles=[])  # the trainers' and actors' own requests keep the nodes from here on
+    log(f"{have} GPU(s) up after {time.monotonic() - started:.0f} s")
+    return have
 
 
 def plan_training(use_gpu: str, num_workers: int | None, backbones: int, cpus: int, gpus: int) -> TrainPlan:
@@ -67,22 +155,37 @@ def cpu_actors_per_node(node_cpus: int, cores: int | None = None) -> int:
     return max(1, min(MAX_CPU_ACTORS_PER_NODE, node_cpus, cores or node_cpus))
 
 
+def plan_cpu_actors(nodes: list[tuple[int, int | None]]) -> int:
+    """CPU embedding actors for nodes of (Ray CPUs, cores when known): :func:`cpu_actors_per_node` each, but
+    leaving :data:`READER_CPUS` of the cluster's CPUs to the read tasks. A pool that takes every CPU starves its
+    own input and waits forever (seen on a simulated three-node cluster whose autoscaler had added nodes)."""
+    actors = sum(cpu_actors_per_node(cpus, cores) for cpus, cores in nodes)
+    return max(1, min(actors, sum(cpus for cpus, _ in nodes) - READER_CPUS))
+
+
 def actor_plan(use_gpu: str, num_actors: int = 0) -> dict[str, Any]:
     """``map_batches`` resources of the embedding actors on the running cluster: one actor per GPU
-    (``num_gpus=1``), else :func:`cpu_actors_per_node` per node."""
+    (``num_gpus=1``; on a cluster that scales from zero GPUs, the autoscaler is asked for ``num_actors`` or
+    one), else :func:`cpu_actors_per_node` per node."""
     import ray
 
     _, gpus = cluster_cpus_gpus()
-    on_gpu = resolve_use_gpu(use_gpu, gpus, "the Ray cluster")
+    on_gpu = resolve_use_gpu(use_gpu, reachable_gpus(use_gpu, gpus, num_actors or 1), "the Ray cluster")
+    if on_gpu and gpus == 0:
+        gpus = ensure_gpus(num_actors or 1)
     here = ray.util.get_node_ip_address()
-    cpu_nodes = [(int(node["Resources"].get("CPU", 0)), node["NodeManagerAddress"] == here)
+    cpu_nodes = [(int(node["Resources"].get("CPU", 0)), available_cpus() if node["NodeManagerAddress"] == here else None)
                  for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) >= 1]
+    room = max(1, sum(cpus for cpus, _ in cpu_nodes) - READER_CPUS)
     if num_actors:
         actors = num_actors
+        if actors > room:
+            log(f"--num-actors {actors} is more than the {room} CPU(s) this cluster has beside the read tasks; "
+                f"using {room}")
+            actors = room
     elif on_gpu:
-        actors = gpus
+        actors = min(gpus, room)
     else:
-        actors = sum(cpu_actors_per_node(cpus, os.cpu_count() if local else None) for cpus, local in cpu_nodes)
-    actors = max(1, actors)
+        actors = plan_cpu_actors(cpu_nodes)
     return {"compute": ray.data.ActorPoolStrategy(size=actors), "num_gpus": 1 if on_gpu else 0, "num_cpus": 1,
             "actors": actors, "actors_per_node": math.ceil(actors / max(1, len(cpu_nodes))), "on_gpu": on_gpu}

@@ -26,7 +26,7 @@ from lib.prepare import (
     manifest_document,
 )
 from lib.sources import Listing, list_source, parse_source
-from onray.runtime import init_ray
+from onray.runtime import check_cluster_paths, check_shared_storage, init_ray
 
 # Images per Ray Data block: one decode task and one Parquet file per block and split.
 ROWS_PER_BLOCK = 2500
@@ -64,6 +64,7 @@ def prepare_data(cfg: PrepareConfig) -> Path:
     """Prepare ``cfg.data_dir``; returns it. Idempotent for a complete DATA; a run that wrote nothing
     leaves no folder behind."""
     started = time.perf_counter()
+    check_cluster_paths(data_dir=cfg.data_dir)
     parse_source(cfg.source)  # a bad --source fails before any folder is created
     created = not Path(cfg.data_dir).expanduser().exists()
     data_dir = ensure_writable_dir(cfg.data_dir)
@@ -96,6 +97,7 @@ def _prepare(cfg: PrepareConfig, data_dir: Path, started: float) -> Path:
     staged = staging_dir(data_dir, "prepare")
     try:
         init_ray()
+        check_shared_storage(staged)  # the decode tasks write their Parquet files there, on any node
         decode_started = time.perf_counter()
         merged = ds.merge_summaries(decode_and_write(listing, splits, staged), listing.classes)
         decode_seconds = time.perf_counter() - decode_started

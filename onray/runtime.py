@@ -1,23 +1,38 @@
-"""Starting or attaching to Ray."""
+"""Starting or attaching to Ray, and the checks a cluster run needs before any work."""
 
 from __future__ import annotations
 
 import os
+import socket
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 from lib.console import log
+from lib.devices import available_cpus
+from lib.errors import UserError
+
+# How long a node may take to read the storage check's token (a node that is still starting can be slow).
+STORAGE_CHECK_TIMEOUT_S = 120
 
 
 def local_num_cpus() -> int:
     """Logical CPUs for a Ray this job starts itself.
 
-    More than the machine's cores: Ray Train's workers hold their CPUs for the whole run, and Ray
+    More than the CPUs this process may use (:func:`lib.devices.available_cpus`: affinity and cgroup
+    quota, not the host's core count): Ray Train's workers hold their CPUs for the whole run, and Ray
     Data's read and map tasks must still be schedulable beside them, or the run waits forever
     (measured on 2 cores: ``num_cpus=2`` with two Train workers deadlocks).
     """
-    cores = os.cpu_count() or 1
+    cores = available_cpus()
     return max(4, cores + 2)
+
+
+def free_local_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
@@ -31,14 +46,22 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if os.environ.get("RAY_ADDRESS"):
+    if on_cluster():
         # Inside `ray job submit` the supervisor sets RAY_ADDRESS; a bare init() attaches to it.
         ray.init(log_to_driver=kwargs.get("log_to_driver", True))
         return
     started = time.perf_counter()
     # Ray Train V2 watches its controller through the state API, which the dashboard serves; it
-    # also shows progress at http://127.0.0.1:8265.
+    # also shows progress at http://127.0.0.1:<port>.
     kwargs.setdefault("include_dashboard", True)
+    if kwargs["include_dashboard"]:
+        kwargs.setdefault("dashboard_port", free_local_port())
+        # Without an address, Ray's state API (Train's placement-group cleaner asks it whether the
+        # controller lives) looks for "the" Ray on this machine: with a second job's local Ray running it
+        # finds the other one or fails ("Found multiple active Ray instances"), and the cleaner then frees
+        # this run's workers. Every process of this Ray inherits this environment, so they all ask this
+        # Ray's own dashboard.
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{kwargs['dashboard_port']}"
     ray.init(address="local", num_cpus=num_cpus or local_num_cpus(), **kwargs)
     log(f"started a local Ray with {num_cpus or local_num_cpus()} logical CPUs "
         f"in {time.perf_counter() - started:.1f} s (set RAY_ADDRESS to use a cluster)")
@@ -47,3 +70,63 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
 def on_cluster() -> bool:
     """True when the jobs attach to a cluster (``RAY_ADDRESS``) rather than a Ray of their own."""
     return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def check_cluster_paths(**paths: str) -> None:
+    """Under ``RAY_ADDRESS`` refuse relative paths (``run_dir="runs/r1"``): a submitted job runs in a temporary
+    working directory on the head that is deleted when it ends, and other nodes do not see it at all."""
+    if not on_cluster():
+        return
+    for flag, path in paths.items():
+        if path and "://" not in path and not Path(path).expanduser().is_absolute():
+            raise UserError(f"--{flag.replace('_', '-')} {path} is a relative path: on a Ray cluster (RAY_ADDRESS is "
+                            f"set) the job runs in a temporary folder that is deleted when it ends; give an absolute "
+                            f"path on storage every node sees, e.g. /mnt/shared/{Path(path).name}")
+
+
+def check_shared_storage(*folders: str | os.PathLike) -> None:
+    """Prove that every alive node sees ``folders`` as this driver does: a token file written here is read back
+    by a zero-CPU task pinned to each node. One clear error names the node that does not see it (its files
+    would go to a disk nobody reads). A single-node Ray has nothing to check."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) < 2:
+        return
+    token = uuid.uuid4().hex
+    markers = []
+    for folder in (f for f in folders if f and "://" not in str(f)):  # URIs (s3://) are every node's alike
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        marker = Path(folder) / f".shared-storage-check-{token}"
+        marker.write_text(token)
+        markers.append(str(marker))
+    read_back = ray.remote(num_cpus=0, max_retries=0)(_missing_marker)
+    try:
+        checks = {node["NodeManagerAddress"]: read_back.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node["NodeID"], soft=False)).remote(markers, token) for node in nodes}
+        for address, ref in checks.items():
+            try:
+                missing = ray.get(ref, timeout=STORAGE_CHECK_TIMEOUT_S)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as err:
+                raise UserError(f"node {address} did not answer the shared-storage check ({type(err).__name__}); "
+                                f"see `ray status`") from None
+            if missing:
+                raise UserError(f"node {address} does not see {Path(missing).parent} as this driver does: RUN, DATA "
+                                f"and --storage must be on storage every node mounts at the same path "
+                                f"(a shared file system such as /mnt/shared)")
+    finally:
+        for marker in markers:
+            Path(marker).unlink(missing_ok=True)
+
+
+def _missing_marker(markers: list[str], token: str) -> str | None:
+    """The first marker file this node cannot read back with ``token`` in it, else None."""
+    for marker in markers:
+        try:
+            if Path(marker).read_text() == token:
+                continue
+        except OSError:
+            pass
+        return marker
+    return None

@@ -8,7 +8,6 @@ to Ray Train with rank 0's checkpoint. A restarted worker group resumes from the
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from lib.batching import balanced_batches
 from lib.checkpoints import load_train_state
 from lib.config import from_dict
 from lib.console import log
+from lib.devices import available_cpus
 from lib.losses import COLLAPSE_SPREAD, TripletObjective
 from lib.paths import RunPaths
 from lib.precision import forward, prepare_for_bf16, uses_bf16
@@ -102,7 +102,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Ray pins a CPU worker to one thread; give each worker its share of the node's cores
         # (shared with the other backbones' workers when several train on one machine).
         sharing = ray.train.get_context().get_local_world_size() * config.get("trainers_per_node", 1)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharing))
+        torch.set_num_threads(max(1, available_cpus() // sharing))
     torch.manual_seed(cfg.seed)
     bf16 = uses_bf16(cfg.precision, device)
     model = prepare_for_bf16(build_model(cfg.backbone, cfg.weights, cfg.embedding_dim), bf16)

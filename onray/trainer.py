@@ -20,6 +20,7 @@ from typing import Any
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lib.augment import AugmentSettings
 from lib.backbones import build_model, fetch_imagenet_weights
@@ -32,8 +33,8 @@ from lib.io import atomic_copy, atomic_open, ensure_writable_dir, write_json
 from lib.paths import RunPaths
 from lib.training import METRIC, TrainConfig, best_epoch, per_class_subset
 from onray.data import augmented_dataset
-from onray.plan import TrainPlan, cluster_cpus_gpus, plan_training
-from onray.runtime import init_ray, on_cluster
+from onray.plan import TrainPlan, cluster_cpus_gpus, ensure_gpus, plan_training, reachable_gpus
+from onray.runtime import check_cluster_paths, check_shared_storage, init_ray, on_cluster
 from onray.train_loop import train_loop_per_worker
 
 # Settings that do not change what a training run computes: a rerun that differs only in them is the same run.
@@ -192,9 +193,19 @@ def _fit_remote(config: dict, use_gpu: bool, num_classes: int, trainers_per_node
 
 
 def plan(cfg: TrainConfig) -> TrainPlan:
-    """The running cluster's plan for ``cfg`` (see :func:`onray.plan.plan_training`)."""
+    """The running cluster's plan for ``cfg`` (:func:`onray.plan.plan_training` over the GPUs it has or can scale
+    to). GPUs the plan counts on but the cluster does not have yet are asked of its autoscaler and waited for;
+    the ``full`` preset never falls back to CPUs without ``--use-gpu false``."""
     cpus, gpus = cluster_cpus_gpus()
-    return plan_training(cfg.use_gpu, cfg.num_workers, len(cfg.backbones), cpus, gpus)
+    wanted = (cfg.num_workers or 1) * len(cfg.backbones)
+    shape = plan_training(cfg.use_gpu, cfg.num_workers, len(cfg.backbones), cpus,
+                          reachable_gpus(cfg.use_gpu, gpus, wanted))
+    if cfg.preset == "full" and not shape.use_gpu and cfg.use_gpu == "auto":
+        raise UserError("--preset full fine-tunes ImageNet networks at 224 px and needs GPUs, but the Ray cluster has "
+                        "none and cannot scale to any: use --use-gpu false to train on CPUs anyway, or --preset quick")
+    if shape.use_gpu and gpus < shape.num_workers:
+        ensure_gpus(shape.num_workers * min(shape.concurrent, len(cfg.backbones)))
+    return shape
 
 
 def train_backbones(given: TrainConfig) -> list[TrainConfig]:
@@ -203,13 +214,15 @@ def train_backbones(given: TrainConfig) -> list[TrainConfig]:
     Returns each backbone's resolved config; raises :class:`BackboneFailed` naming the backbones that failed
     after the others finished.
     """
+    check_cluster_paths(data_dir=given.data_dir, run_dir=given.run_dir, storage=given.storage)
     given = dataclasses.replace(given, run_dir=str(RunPaths.of(given.run_dir).root),
                                 data_dir=str(Path(given.data_dir).expanduser().absolute()))
     cfg = given.resolve()
     data = PreparedData.open(cfg.data_dir)
-    ensure_writable_dir(RunPaths.of(cfg.run_dir).models)
+    models = ensure_writable_dir(RunPaths.of(cfg.run_dir).models)
     check_weights(cfg)
     init_ray()
+    check_shared_storage(models, data.root, cfg.storage)
     shape = plan(cfg)
     # each backbone resolves on its own: a preset may size epochs per backbone (BACKBONE_PRESETS)
     configs = {bb: dataclasses.replace(given.for_backbone(bb).resolve(), num_workers=shape.num_workers)
@@ -224,11 +237,14 @@ def train_backbones(given: TrainConfig) -> list[TrainConfig]:
     # A local Ray runs every trainer on this machine: CPU workers split its cores instead of each
     # taking all of them (oversubscribed threads slow everyone down). On a cluster they spread out.
     sharing = 1 if shape.use_gpu or on_cluster() else max(1, min(shape.concurrent, len(todo)))
+    # Each trainer's driver (and so every output file of the backbone) stays on this node: only checkpoints travel.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     pending, running, failures = list(todo), {}, {}
     while pending or running:
         while pending and len(running) < shape.concurrent:
             backbone = pending.pop(0)
-            ref = _fit_remote.remote(to_dict(configs[backbone]), shape.use_gpu, len(data.classes), sharing)
+            ref = _fit_remote.options(scheduling_strategy=here).remote(to_dict(configs[backbone]), shape.use_gpu,
+                                                                       len(data.classes), sharing)
             running[ref] = backbone
         ready, _ = ray.wait(list(running), num_returns=1)
         backbone = running.pop(ready[0])

@@ -67,6 +67,9 @@ class TuneFailed(Exception):
 
 def tune_backbone(cfg: TuneJobConfig) -> Path:
     """Tune ``cfg.backbone`` (or resume it, or find it done); returns its ``best.json``."""
+    from onray.runtime import check_cluster_paths
+
+    check_cluster_paths(data_dir=cfg.data_dir, run_dir=cfg.run_dir, storage=cfg.storage)
     cfg = dataclasses.replace(cfg, run_dir=str(absolute(cfg.run_dir)), data_dir=str(absolute(cfg.data_dir)))
     space = load_space(cfg.space) if cfg.space else preset_space(cfg.preset)
     if cfg.search == "optuna":
@@ -76,7 +79,7 @@ def tune_backbone(cfg: TuneJobConfig) -> Path:
             raise UserError("--search optuna needs the optuna package: pip install optuna")
     # A bad space stops the job above, before Ray, Train and Tune are imported (seconds).
     from onray.plan import cluster_cpus_gpus, plan_trials
-    from onray.runtime import init_ray, on_cluster
+    from onray.runtime import check_shared_storage, init_ray, on_cluster
     from onray.trainer import check_weights, plan
     from tuning import driver, report
 
@@ -99,6 +102,7 @@ def tune_backbone(cfg: TuneJobConfig) -> Path:
         return out / "best.json"
     check_weights(base)
     init_ray()
+    check_shared_storage(out, data.root, cfg.storage)
     shape = plan(base)
     base = dataclasses.replace(base, num_workers=shape.num_workers)
     fits = plan_trials(base.num_workers, shape.use_gpu, *cluster_cpus_gpus())

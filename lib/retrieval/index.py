@@ -38,6 +38,35 @@ def _openblas_core_for_this_cpu() -> str | None:
     return None
 
 
+# Wheels that each install the same top-level ``faiss`` package: with two of them, whichever pip installed
+# last silently wins. The project's extras install exactly one (``cpu`` or ``gpu``).
+FAISS_WHEELS = ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-gpu")
+INSTALL_HINT = "pip install -e '.[cpu]' on a laptop, '.[gpu]' on a CUDA machine"
+
+
+def faiss_wheels() -> list[str]:
+    """The faiss wheels installed in this environment."""
+    from importlib import metadata
+
+    installed = []
+    for name in FAISS_WHEELS:
+        try:
+            metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        installed.append(name)
+    return installed
+
+
+def check_faiss_install(installed: list[str]) -> None:
+    """One line naming the fix when no faiss wheel, or more than one, is installed."""
+    if len(installed) > 1:
+        raise UserError(f"{' and '.join(installed)} are both installed and overwrite each other's faiss package: "
+                        f"pip uninstall -y {' '.join(installed)}, then {INSTALL_HINT}")
+    if not installed:
+        raise UserError(f"faiss is not installed: {INSTALL_HINT}")
+
+
 def _import_faiss() -> ModuleType:
     """Import faiss so that its bundled OpenBLAS uses this CPU's vector kernels.
 
@@ -49,6 +78,7 @@ def _import_faiss() -> ModuleType:
     """
     if "faiss" in sys.modules:
         return sys.modules["faiss"]
+    check_faiss_install(faiss_wheels())
     # faiss's loader logs every SIMD variant its wheel lacks; inside Ray workers those lines reach
     # the job's console on every start. Real import failures still raise.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)

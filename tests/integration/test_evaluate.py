@@ -3,7 +3,6 @@
 import contextlib
 import io
 import json
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +15,7 @@ from jobs import evaluate, prepare
 from lib.backbones import build_model
 from lib.config import to_dict
 from lib.dataset import SPLITS, read_manifest
+from lib.devices import available_cpus
 from lib.embedding import model_sources
 from lib.errors import UserError
 from lib.io import write_json
@@ -222,7 +222,7 @@ def test_one_cpu_embedding_actor_per_core_up_to_the_cap(node_cpus, cores, expect
 
 def test_the_local_ray_embeds_with_one_single_threaded_actor_per_core():
     plan = actor_plan("auto")  # the session Ray: 4 logical CPUs on this machine, no GPU
-    cores = os.cpu_count() or 1
+    cores = available_cpus()
     assert plan["on_gpu"] is False and plan["num_gpus"] == 0
     assert plan["actors"] == min(cores, 4, MAX_CPU_ACTORS_PER_NODE) == plan["actors_per_node"]
     with pytest.raises(UserError, match="no GPUs"):

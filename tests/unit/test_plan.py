@@ -47,3 +47,16 @@ def test_trials_leave_room_for_workers_and_ray_data():
     assert plan_trials(workers=1, use_gpu=False, cpus=4, gpus=0) == 1
     assert plan_trials(workers=1, use_gpu=True, cpus=32, gpus=4) == 4
     assert cpu_actors_per_node(4, 2) == 2
+
+
+@pytest.mark.parametrize(("nodes", "expected"), [
+    ([(4, 2)], 2),                        # the local Ray of a 2-core machine: one actor per core
+    ([(2, None)] * 3, 5),                 # three 2-CPU nodes: one CPU stays with the read tasks
+    ([(2, None), (2, None), (2, None), (1, None), (1, None)], 7),
+    ([(1, None)], 1),                     # a pool never has fewer than one actor
+    ([(16, None)] * 2, 16),               # capped at MAX_CPU_ACTORS_PER_NODE (8) per node
+])
+def test_embedding_actors_leave_a_cpu_to_the_read_tasks(nodes, expected):
+    from onray.plan import plan_cpu_actors
+
+    assert plan_cpu_actors(nodes) == expected
