@@ -62,3 +62,14 @@ def available_cpus(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int:
     if limit is not None:
         cpus = min(cpus, math.ceil(limit))
     return max(1, cpus)
+
+
+def cuda_unusable_reason() -> str:
+    """Why torch cannot use the GPU this process was given: its CUDA build against the driver, in one line.
+    Raised by GPU workers and actors instead of falling back to the CPU."""
+    import torch
+
+    build = f"torch {torch.__version__} built for CUDA {torch.version.cuda}" if torch.version.cuda else \
+        f"torch {torch.__version__} is a CPU-only build"
+    return (f"torch cannot use the GPU Ray gave this process ({build}; a CUDA 13 build needs an NVIDIA driver "
+            f">= 580): install the torch build that matches the GPU nodes' driver (README, Install)")

@@ -17,7 +17,7 @@ import torch
 
 from lib.console import log
 from lib.dataset import SPLITS, PreparedData
-from lib.devices import available_cpus
+from lib.devices import available_cpus, cuda_unusable_reason
 from lib.embedding import (
     SOURCE_FILE,
     ModelSource,
@@ -46,7 +46,9 @@ class EmbedBatches:
 
     def __init__(self, sources: list[dict[str, Any]], actors_per_node: int = 1):
         self.sources = [ModelSource(**source) for source in sources]
-        self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+        if ray.get_gpu_ids() and not torch.cuda.is_available():
+            raise RuntimeError(cuda_unusable_reason())  # never a silent CPU fallback on a GPU actor
+        self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, available_cpus() // actors_per_node))
         self.models = [load_embedding_model(source, self.device) for source in self.sources]

@@ -163,6 +163,25 @@ def plan_cpu_actors(nodes: list[tuple[int, int | None]]) -> int:
     return max(1, min(actors, sum(cpus for cpus, _ in nodes) - READER_CPUS))
 
 
+def _cuda_problem() -> str | None:
+    import torch
+
+    from lib.devices import cuda_unusable_reason
+
+    return None if torch.cuda.is_available() else cuda_unusable_reason()
+
+
+def check_cuda_on_a_gpu_node(timeout_s: float = 300) -> None:
+    """Run a one-GPU probe task: a GPU node whose torch cannot use its GPU (a CUDA build the driver does not
+    support) is one clear line now, not a worker-group crash retried by the failure policy, nor a silent CPU run."""
+    import ray
+
+    probe = ray.remote(num_cpus=0, num_gpus=1, max_retries=0)(_cuda_problem)
+    problem = ray.get(probe.remote(), timeout=timeout_s)
+    if problem:
+        raise UserError(problem)
+
+
 def actor_plan(use_gpu: str, num_actors: int = 0) -> dict[str, Any]:
     """``map_batches`` resources of the embedding actors on the running cluster: one actor per GPU
     (``num_gpus=1``; on a cluster that scales from zero GPUs, the autoscaler is asked for ``num_actors`` or
@@ -173,6 +192,8 @@ def actor_plan(use_gpu: str, num_actors: int = 0) -> dict[str, Any]:
     on_gpu = resolve_use_gpu(use_gpu, reachable_gpus(use_gpu, gpus, num_actors or 1), "the Ray cluster")
     if on_gpu and gpus == 0:
         gpus = ensure_gpus(num_actors or 1)
+    if on_gpu:
+        check_cuda_on_a_gpu_node()
     here = ray.util.get_node_ip_address()
     cpu_nodes = [(int(node["Resources"].get("CPU", 0)), available_cpus() if node["NodeManagerAddress"] == here else None)
                  for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) >= 1]

@@ -26,7 +26,7 @@ from lib.batching import balanced_batches
 from lib.checkpoints import load_train_state
 from lib.config import from_dict
 from lib.console import log
-from lib.devices import available_cpus
+from lib.devices import available_cpus, cuda_unusable_reason
 from lib.losses import COLLAPSE_SPREAD, TripletObjective
 from lib.paths import RunPaths
 from lib.precision import forward, prepare_for_bf16, uses_bf16
@@ -97,6 +97,8 @@ def evaluate(model: torch.nn.Module, shard, objective: TripletObjective, device:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = from_dict(TrainConfig, config["train"], source="train_loop_config")  # a typo fails here, at once
     rank, world = _world()
+    if ray.get_gpu_ids() and not torch.cuda.is_available():
+        raise RuntimeError(cuda_unusable_reason())  # never a silent CPU fallback on a GPU worker
     device = ray.train.torch.get_device()
     if device.type != "cuda":
         # Ray pins a CPU worker to one thread; give each worker its share of the node's cores

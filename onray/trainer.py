@@ -33,7 +33,14 @@ from lib.io import atomic_copy, atomic_open, ensure_writable_dir, write_json
 from lib.paths import RunPaths
 from lib.training import METRIC, TrainConfig, best_epoch, per_class_subset
 from onray.data import augmented_dataset
-from onray.plan import TrainPlan, cluster_cpus_gpus, ensure_gpus, plan_training, reachable_gpus
+from onray.plan import (
+    TrainPlan,
+    check_cuda_on_a_gpu_node,
+    cluster_cpus_gpus,
+    ensure_gpus,
+    plan_training,
+    reachable_gpus,
+)
 from onray.runtime import check_cluster_paths, check_shared_storage, init_ray, on_cluster
 from onray.train_loop import train_loop_per_worker
 
@@ -205,6 +212,8 @@ def plan(cfg: TrainConfig) -> TrainPlan:
                         "none and cannot scale to any: use --use-gpu false to train on CPUs anyway, or --preset quick")
     if shape.use_gpu and gpus < shape.num_workers:
         ensure_gpus(shape.num_workers * min(shape.concurrent, len(cfg.backbones)))
+    if shape.use_gpu:
+        check_cuda_on_a_gpu_node()
     return shape
 
 

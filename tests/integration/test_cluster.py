@@ -100,15 +100,38 @@ def test_gpu_workers_come_up_from_zero_when_training_asks_for_them(fake_cluster)
         from onray.trainer import plan
         init_ray()
         assert ray.cluster_resources().get("GPU", 0) == 0
+        from lib.errors import UserError
+        from onray.plan import cluster_cpus_gpus, plan_training, reachable_gpus
+        cpus, gpus = cluster_cpus_gpus()
         cfg = TrainConfig(data_dir="/d", run_dir="/r", backbones=("resnet50", "vgg16"), preset="full").resolve()
-        shape = plan(cfg)
+        shape = plan_training(cfg.use_gpu, cfg.num_workers, 2, cpus, reachable_gpus(cfg.use_gpu, gpus))
+        try:
+            plan(cfg)  # asks the autoscaler for the GPUs, waits for them, then probes CUDA on one
+        except UserError as err:  # the fake GPUs are logical: the probe finds no CUDA, and says so
+            error = str(err)
         print("RESULT", json.dumps({"plan": [shape.num_workers, shape.use_gpu, shape.concurrent],
-                                    "gpus": ray.cluster_resources().get("GPU", 0)}))
+                                    "gpus": ray.cluster_resources().get("GPU", 0), "error": error}))
     """)
     result = json.loads(next(line for line in log.splitlines() if line.startswith("RESULT"))[7:])
     assert result["plan"] == [1, True, 2]  # --use-gpu auto on a cluster that scales to GPUs: one GPU each
     assert result["gpus"] >= 2
     assert "waiting for 2 GPU(s): the cluster has 0" in log and "GPU(s) up after" in log
+    assert result["error"].startswith("torch cannot use the GPU Ray gave this process")
+
+
+def test_a_gpu_worker_without_usable_cuda_fails_with_one_clear_line(fake_cluster, tmp_path):
+    """The fake GPUs are logical: a worker given one finds no CUDA, and says so instead of training on its CPU."""
+    images = make_image_folder(tmp_path / "images", train_per_class=12, test_per_class=4)
+    data = tmp_path / "data"
+    for job in (["jobs.prepare", "--source", f"imagefolder:{images}", "--data-dir", str(data)],
+                ["jobs.train", "--data-dir", str(data), "--run-dir", str(tmp_path / "run"), "--preset", "smoke",
+                 "--use-gpu", "true", "--max-failures", "0"]):
+        out = subprocess.run([sys.executable, "-m", *job], cwd=REPO, env=fake_cluster, capture_output=True, text=True,
+                             timeout=600)
+    assert out.returncode == 2, (out.stdout + out.stderr)[-3000:]
+    failure = [line for line in out.stderr.splitlines() if line.startswith("jobs.train: ")]
+    assert len(failure) == 1 and failure[0].startswith("jobs.train: error: torch cannot use the GPU Ray gave"), failure
+    assert not (tmp_path / "run" / "models" / "resnet50" / "summary.json").exists()
 
 
 def test_smoke_pipeline_on_three_nodes_through_ray_address(fake_cluster, tmp_path):
