@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from lib.config import parse_config
-from lib.errors import EXIT_USER_ERROR, UserError, disk_error
+from lib.errors import EXIT_ENVIRONMENT, EXIT_USER_ERROR, EnvironmentProblem, UserError, disk_error
 
 C = TypeVar("C")
 
@@ -28,7 +28,8 @@ STAGES = {
 def run_job(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | None, prog: str,
             failures: tuple[type[Exception], ...] = ()) -> int:
     """Parse ``argv`` into ``config_cls`` and run ``main``: a :class:`UserError` becomes one line and exit 2,
-    one of ``failures`` (the work ran but some of it failed) one line and exit 1."""
+    an :class:`EnvironmentProblem` one line and exit 3, one of ``failures`` (the work ran but some of it
+    failed) one line and exit 1."""
     try:
         config = parse_config(config_cls, argv, prog=prog)
         main(config)
@@ -38,6 +39,9 @@ def run_job(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] |
     except failures as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 1
+    except EnvironmentProblem as err:
+        print(f"{prog}: environment error: {err}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     except OSError as err:
         disk = disk_error(err)
         if disk is None:

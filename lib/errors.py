@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 
 EXIT_USER_ERROR = 2
+EXIT_ENVIRONMENT = 3
 # A full, over-quota or read-only disk: the user's to fix, never a bug to retry.
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
@@ -19,6 +20,14 @@ class UserError(Exception):
 
     def __init__(self, message: str):
         # Keep the promise of one line even when a caught exception's text spans several.
+        super().__init__(" ".join(str(message).split()))
+
+
+class EnvironmentProblem(Exception):
+    """The machine or the cluster failed, not the input (a local Ray that would not start): exit code 3.
+    ``str(err)`` is the whole message, one line."""
+
+    def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -11,8 +12,12 @@ from typing import Any
 
 from lib.console import log
 from lib.devices import available_cpus
-from lib.errors import UserError
+from lib.errors import EnvironmentProblem, UserError
 
+# A local Ray that fails to start (its dashboard or GCS not up in time on a busy machine) is started again
+# this many times in all, each time in a fresh temporary folder, after a pause that grows.
+START_ATTEMPTS = 3
+START_PAUSE_S = 3.0
 # How long a node may take to read the storage check's token (a node that is still starting can be slow).
 STORAGE_CHECK_TIMEOUT_S = 120
 
@@ -62,9 +67,34 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
         # this run's workers. Every process of this Ray inherits this environment, so they all ask this
         # Ray's own dashboard.
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{kwargs['dashboard_port']}"
-    ray.init(address="local", num_cpus=num_cpus or local_num_cpus(), **kwargs)
+    start_local_ray(num_cpus or local_num_cpus(), **kwargs)
     log(f"started a local Ray with {num_cpus or local_num_cpus()} logical CPUs "
         f"in {time.perf_counter() - started:.1f} s (set RAY_ADDRESS to use a cluster)")
+
+
+def start_local_ray(num_cpus: int, attempts: int = START_ATTEMPTS, **kwargs: Any) -> None:
+    """``ray.init(address="local")``, again in a fresh temporary folder when a start fails; after the last
+    attempt an :class:`EnvironmentProblem` says what failed, which log to read and what to try."""
+    import ray
+
+    temp_dir = None
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, **({"_temp_dir": temp_dir} if temp_dir else {}), **kwargs)
+            return
+        except Exception as err:  # noqa: BLE001 - Ray raises bare Exception, ConnectionError, RuntimeError here
+            ray.shutdown()  # whatever half-started goes
+            reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+            # Ray's own rule for its folder: RAY_TMPDIR, else /tmp (socket paths must stay short)
+            logs = Path(temp_dir or Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray") / "session_latest" / "logs"
+            if attempt == attempts:
+                raise EnvironmentProblem(
+                    f"could not start a local Ray in {attempts} attempts (last: {reason}); its logs are in {logs} "
+                    f"(gcs_server.err, dashboard.log); try again with fewer jobs at once, or start one Ray for "
+                    f"all of them with `ray start --head` and set RAY_ADDRESS=127.0.0.1:6379") from None
+            log(f"starting a local Ray failed ({reason}); attempt {attempt + 1} of {attempts} in a fresh folder")
+            time.sleep(START_PAUSE_S * attempt)
+            temp_dir = tempfile.mkdtemp(prefix="ray-", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
 
 
 def on_cluster() -> bool:
