@@ -2,6 +2,7 @@
 
     python -m jobs.search --run-dir RUN --images a.png b.jpg [--k 5] [--out grid.png]
     python -m jobs.search --run-dir RUN --test-ids test/cat/0001.png,test/dog/0002.png [--model vgg16]
+    python -m jobs.search --run-dir RUN --stdin        # one query per line; the model and index stay loaded
 
 Prints each query's neighbours with labels and similarities and draws them as a PNG grid. A few
 queries need no cluster: this job runs in the calling process, without Ray (see :mod:`lib.search`).
@@ -10,6 +11,7 @@ queries need no cluster: this job runs in the calling process, without Ray (see 
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,57 +33,74 @@ class SearchConfig:
     k: int = option(5, help="neighbours per query")
     model: str = option("", help="model to search with (default: the one whose index jobs.evaluate saved)")
     out: str = option("", help="PNG grid of queries and neighbours (default: RUN/eval/search_grid.png)")
+    stdin: bool = option(False, help="answer queries from standard input, one per line (a test id or an image "
+                                     "path), keeping the model and index loaded between them")
 
     def __post_init__(self) -> None:
-        if bool(self.images) == bool(self.test_ids):
-            raise UserError("give either --images or --test-ids (one of them)")
+        if self.stdin == bool(self.images or self.test_ids) or (self.images and self.test_ids):
+            raise UserError("give one of --images, --test-ids or --stdin")
         if self.k <= 0:
             raise UserError(f"--k must be positive, got {self.k}")
 
 
-def main(cfg: SearchConfig) -> Path:
-    from lib.dataset import PreparedData
-    from lib.embedding import read_embeddings
+def main(cfg: SearchConfig) -> Path | None:
     from lib.paths import RunPaths
-    from lib.plots import retrieval_grid_figure, save_figure
-    from lib.search import embed_image_files, load_gallery, nearest, saved_index_info
+    from lib.search import Searcher
 
-    run = RunPaths.of(cfg.run_dir)
-    info = saved_index_info(run)
-    model = cfg.model or info["model"]
-    gallery = load_gallery(run, info, model)
-    data = PreparedData.open(info["data_dir"])
-    if cfg.test_ids:
-        ids, labels, vectors = read_embeddings(run.root, model, "test")
-        position = {row_id: i for i, row_id in enumerate(ids)}
-        unknown = [i for i in cfg.test_ids if i not in position]
-        if unknown:
-            raise UserError(f"unknown test id {unknown[0]!r} (ids look like {ids[0]!r}; see embeddings.csv)")
-        rows = [position[i] for i in cfg.test_ids]
-        query_labels, queries = labels[rows], vectors[rows]
-        query_images = data.images_by_id("test", list(cfg.test_ids))
-        names = list(cfg.test_ids)
-    else:
-        query_images, query_labels, queries = embed_image_files(run, model, cfg.images, info)
-        names = list(cfg.images)
-    similarities, neighbours = nearest(gallery, queries, cfg.k)
-    classes = info["classes"]
+    searcher = Searcher(RunPaths.of(cfg.run_dir), cfg.model)
+    if cfg.stdin:
+        return answer_lines(searcher, cfg.k, sys.stdin)
+    names = list(cfg.test_ids or cfg.images)
+    images, labels, queries = (searcher.test_queries if cfg.test_ids else searcher.image_queries)(names)
+    similarities, neighbours = searcher.nearest(queries, cfg.k)
+    print_neighbours(searcher, names, labels, similarities, neighbours)
+    return draw_grid(cfg, searcher, images, labels, similarities, neighbours)
+
+
+def print_neighbours(searcher, names, labels, similarities, neighbours) -> None:
+    classes, gallery = searcher.classes, searcher.gallery
     for q, name in enumerate(names):
-        known = f" ({classes[query_labels[q]]})" if query_labels[q] >= 0 else ""
-        print(f"query {name}{known}, model {model}:")
+        known = f" ({classes[labels[q]]})" if labels[q] >= 0 else ""
+        print(f"query {name}{known}, model {searcher.model}:")
         for rank, (row, similarity) in enumerate(zip(neighbours[q], similarities[q], strict=True), start=1):
             print(f"  {rank}. {gallery.ids[row]}  {classes[gallery.labels[row]]}  similarity {similarity:.4f}")
+    sys.stdout.flush()
+
+
+def answer_lines(searcher, k: int, lines) -> None:
+    """One query per line (a test id or an image path); a bad line gets one error line, and the next is read."""
+    for line in map(str.strip, lines):
+        if not line:
+            continue
+        started = time.perf_counter()
+        try:
+            if Path(line).is_file():
+                _, labels, queries = searcher.image_queries([line])
+            else:
+                _, labels, queries = searcher.test_queries([line], pixels=False)
+            similarities, neighbours = searcher.nearest(queries, k)
+        except UserError as err:
+            print(f"error: {err}", flush=True)
+            continue
+        print_neighbours(searcher, [line], labels, similarities, neighbours)
+        log(f"answered {line} in {1000 * (time.perf_counter() - started):.0f} ms")
+
+
+def draw_grid(cfg: SearchConfig, searcher, images, labels, similarities, neighbours) -> Path:
+    from lib.plots import retrieval_grid_figure, save_figure
+
+    classes, gallery = searcher.classes, searcher.gallery
     gallery_rows = np.unique(neighbours)
-    gallery_images = data.images_by_id("train", [str(i) for i in gallery.ids[gallery_rows]])
+    gallery_images = searcher.data.images_by_id("train", [str(i) for i in gallery.ids[gallery_rows]])
     # an unlabelled query shows as "?": its neighbours' frames then only say "not known to match"
-    figure = retrieval_grid_figure(query_images, np.where(query_labels >= 0, query_labels, len(classes)),
-                                   gallery_images, gallery.labels[gallery_rows],
-                                   np.searchsorted(gallery_rows, neighbours), [*classes, "?"], similarities)
-    out = Path(cfg.out).expanduser().absolute() if cfg.out else run.eval / "search_grid.png"
+    figure = retrieval_grid_figure(images, np.where(labels >= 0, labels, len(classes)), gallery_images,
+                                   gallery.labels[gallery_rows], np.searchsorted(gallery_rows, neighbours),
+                                   [*classes, "?"], similarities)
+    out = Path(cfg.out).expanduser().absolute() if cfg.out else searcher.run.eval / "search_grid.png"
     if not out.parent.is_dir():
         raise UserError(f"output folder does not exist: {out.parent}")
     save_figure(figure, out)
-    log(f"grid of {len(names)} queries x {cfg.k} neighbours -> {out}")
+    log(f"grid of {len(labels)} queries x {cfg.k} neighbours -> {out}")
     return out
 
 

@@ -57,34 +57,63 @@ def load_gallery(run: RunPaths, info: dict[str, Any], model: str) -> Gallery:
     return Gallery(model, index, ids, labels)
 
 
-def embed_image_files(run: RunPaths, model: str, paths: tuple[str, ...], info: dict[str, Any]
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pixels (Q, H, W, 3) uint8, labels (Q,), embeddings (Q, D)) of image files, embedded by ``model``; a
-    label is known only when the file's folder is named after a class, else -1."""
-    from lib.dataset import decode_image_file
+class Searcher:
+    """One model's train gallery, kept loaded between queries (the model, the index, the test embeddings),
+    so every query after the first costs milliseconds, not the seconds of imports and loading."""
 
-    source = ModelSource.recorded(read_json(run.embeddings(model) / "source.json"))
-    if source is None:
-        raise UserError(f"the {model} model cannot embed new images (search it with --test-ids)")
-    shape = tuple(info["image_shape"])
-    pixels = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise UserError(f"image file not found: {path}")
-        try:
-            pixels.append(decode_image_file(path, shape)[0])
-        except Exception as err:  # noqa: BLE001 - any decoding failure is a bad input file
-            raise UserError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
-    classes = info["classes"]
-    labels = np.array([classes.index(Path(p).parent.name) if Path(p).parent.name in classes else -1 for p in paths])
-    images = np.stack(pixels)
-    return images, labels, embed_loop(source, load_embedding_model(source), images, batch_size=64)
+    def __init__(self, run: RunPaths, model: str = ""):
+        from lib.dataset import PreparedData
 
+        self.run, self.info = run, saved_index_info(run)
+        self.model = model or self.info["model"]
+        self.gallery = load_gallery(run, self.info, self.model)
+        self.data = PreparedData.open(self.info["data_dir"])
+        self.classes: list[str] = self.info["classes"]
+        self._network = None
+        self._test: tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]] | None = None
 
-def nearest(gallery: Gallery, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities (Q, k), gallery rows (Q, k)) of the ``k`` nearest gallery images of each query."""
-    from lib.retrieval.index import l2_normalize
+    def test_queries(self, ids: list[str], pixels: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """(pixels, labels, embeddings) of test images by id, from their stored embeddings (``pixels=False``: None
+        for the pixels, which only a picture needs)."""
+        if self._test is None:
+            test_ids, labels, vectors = read_embeddings(self.run.root, self.model, "test")
+            self._test = (test_ids, labels, vectors, {row_id: i for i, row_id in enumerate(test_ids)})
+        test_ids, labels, vectors, position = self._test
+        unknown = [i for i in ids if i not in position]
+        if unknown:
+            raise UserError(f"unknown test id {unknown[0]!r} (ids look like {test_ids[0]!r}; see embeddings.csv)")
+        rows = [position[i] for i in ids]
+        return self.data.images_by_id("test", list(ids)) if pixels else None, labels[rows], vectors[rows]
 
-    if k > gallery.index.ntotal:
-        raise UserError(f"--k {k} exceeds the gallery's {gallery.index.ntotal} images")
-    return gallery.index.search(l2_normalize(queries), k)
+    def image_queries(self, paths: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(pixels (Q, H, W, 3) uint8, labels (Q,), embeddings (Q, D)) of image files, decoded like jobs.prepare
+        and embedded by the model; a label is known only when the file's folder is named after a class, else -1."""
+        from lib.dataset import decode_image_file
+
+        if self._network is None:
+            source = ModelSource.recorded(read_json(self.run.embeddings(self.model) / "source.json"))
+            if source is None:
+                raise UserError(f"the {self.model} model cannot embed new images (search it with test ids)")
+            self._network = (source, load_embedding_model(source))
+        shape = tuple(self.info["image_shape"])
+        pixels = []
+        for path in paths:
+            if not Path(path).is_file():
+                raise UserError(f"image file not found: {path}")
+            try:
+                pixels.append(decode_image_file(path, shape)[0])
+            except Exception as err:  # noqa: BLE001 - any decoding failure is a bad input file
+                raise UserError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
+        labels = np.array([self.classes.index(Path(p).parent.name) if Path(p).parent.name in self.classes else -1
+                           for p in paths])
+        images = np.stack(pixels)
+        source, network = self._network
+        return images, labels, embed_loop(source, network, images, batch_size=64)
+
+    def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities (Q, k), gallery rows (Q, k)) of the ``k`` nearest gallery images of each query."""
+        from lib.retrieval.index import l2_normalize
+
+        if k > self.gallery.index.ntotal:
+            raise UserError(f"--k {k} exceeds the gallery's {self.gallery.index.ntotal} images")
+        return self.gallery.index.search(l2_normalize(queries), k)

@@ -57,8 +57,29 @@ def test_bad_search_input_is_one_line_and_exit_2(evaluated, tmp_path):
         (["--run-dir", str(run), "--images", str(tmp_path / "broken.png")], "cannot read image"),
         (["--run-dir", str(run), "--images", str(tmp_path / "missing.png")], "image file not found"),
         (["--run-dir", str(run), "--test-ids", "test/dog/0001.png", "--model", "nope"], "unknown model 'nope'"),
-        (["--run-dir", str(run)], "either --images or --test-ids"),
+        (["--run-dir", str(run)], "give one of --images, --test-ids or --stdin"),
+        (["--run-dir", str(run), "--stdin", "--test-ids", "test/dog/0001.png"], "give one of"),
     ]
     for argv, message in cases:
         code, _, errors = run_search(*argv)
         assert code == 2 and len(errors) == 1 and message in errors[0], (argv, errors)
+
+
+def test_stdin_answers_query_after_query_with_the_model_kept_loaded(evaluated, tmp_path, monkeypatch):
+    _, run, _ = evaluated
+    (tmp_path / "frog").mkdir()
+    Image.fromarray(image_array("frog", 5)).save(tmp_path / "frog" / "mine.png")
+    lines = ["test/dog/0001.png", "test/dog/9999.png", "", str(tmp_path / "frog" / "mine.png"), "test/cat/0000.png"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = search.cli(["--run-dir", str(run), "--stdin", "--k", "2", "--model", "vgg16-untrained"])
+    assert code == 0
+    printed = out.getvalue().splitlines()
+    queries = [line for line in printed if line.startswith("query ")]
+    assert [q.split()[1] for q in queries] == ["test/dog/0001.png", str(tmp_path / "frog" / "mine.png"),
+                                              "test/cat/0000.png"]
+    assert [line for line in printed if line.startswith("error: ")] == [
+        "error: unknown test id 'test/dog/9999.png' (ids look like 'test/cat/0000.png'; see embeddings.csv)"]
+    assert len([line for line in printed if line.startswith("  ")]) == 3 * 2
+    assert err.getvalue().count("answered ") == 3  # each with its time in ms
