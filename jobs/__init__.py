@@ -1,4 +1,3 @@
-"""Command-line entry points, one per stage; each wires :mod:`lib` into Ray.
-
-Run one with ``python -m jobs.<stage>`` or ``cifar-embed <stage>``.
+"""Command-line entry points, one per stage: a config, a ``main`` that calls one function of :mod:`onray` or
+:mod:`tuning`, and what to print. Run one with ``python -m jobs.<stage>`` or ``cifar-embed <stage>``.
 """
