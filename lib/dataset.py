@@ -176,12 +176,6 @@ def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     return PreparedData.open(data_dir).manifest
 
 
-def complete_manifest(data_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The manifest if ``data_dir`` holds a complete prepared set (every listed file present), else None."""
-    data = PreparedData.find(data_dir)
-    return None if data is None else data.manifest
-
-
 # --------------------------------------------------------------------------- reading
 
 

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from lib.dataset import (
-    complete_manifest,
+    PreparedData,
     decode_image_file,
     merge_summaries,
     parquet_schema,
@@ -77,9 +77,9 @@ def test_write_shard_batch_schema_and_bad_files(tmp_path):
 
 
 def test_incomplete_data_dir_has_no_manifest(tmp_path):
-    assert complete_manifest(tmp_path) is None
+    assert PreparedData.find(tmp_path) is None
     with pytest.raises(UserError, match="not a prepared data set"):
         read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps(
         {"format_version": 1, "files": {"train": ["train/part-0.parquet"], "val": [], "test": []}}))
-    assert complete_manifest(tmp_path) is None  # a listed file is missing
+    assert PreparedData.find(tmp_path) is None  # a listed file is missing
