@@ -18,7 +18,7 @@ from types import ModuleType
 
 from benchmarks import embed, inputs, prepare, retrieval, train, tsne
 from benchmarks.common import BenchmarkConfig
-from jobs.cli import run_job
+from jobs.cli import command_line, run_job
 from lib.devices import available_cpus
 from lib.io import ensure_writable_dir, write_json
 
@@ -46,4 +46,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(command_line(cli))

@@ -4,10 +4,13 @@ and :func:`run_job`, which every job's ``cli`` runs: parse the flags, call ``mai
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
+from lib import console as lib_console
 from lib.config import parse_config
 from lib.errors import EXIT_ENVIRONMENT, EXIT_USER_ERROR, EnvironmentProblem, UserError, disk_error
 
@@ -26,32 +29,64 @@ STAGES = {
 
 
 def run_job(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | None, prog: str,
-            failures: tuple[type[Exception], ...] = ()) -> int:
+            failures: tuple[type[Exception], ...] = (), console: bool = True) -> int:
     """Parse ``argv`` into ``config_cls`` and run ``main``: a :class:`UserError` becomes one line and exit 2,
     an :class:`EnvironmentProblem` one line and exit 3, one of ``failures`` (the work ran but some of it
-    failed) one line and exit 1."""
+    failed) one line and exit 1.
+
+    ``console``: when run from the command line (:func:`command_line`), route the terminal for a Ray job
+    (:func:`lib.console.start`): Ray's own lines go to the job's log file, ``RUN/logs/`` when the job has a
+    ``run_dir`` (the temporary folder otherwise), unless ``--verbose``. Called as a function (tests, notebooks),
+    the process's stderr is left alone.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if console and _command_line and not {"-h", "--help"} & set(argv):
+        run_dir = _flag_value(argv, "--run-dir")
+        lib_console.start(prog.removeprefix("jobs."), Path(run_dir).expanduser() / "logs" if run_dir else None,
+                          verbose="--verbose" in argv or bool(os.environ.get("CIFAR_EMBED_VERBOSE")))
     try:
         config = parse_config(config_cls, argv, prog=prog)
         main(config)
     except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        lib_console.error(f"{prog}: error: {err}")
         return EXIT_USER_ERROR
     except failures as err:
-        print(f"{prog}: {err}", file=sys.stderr)
+        lib_console.error(f"{prog}: {err}")
         return 1
     except EnvironmentProblem as err:
-        print(f"{prog}: environment error: {err}", file=sys.stderr)
+        lib_console.error(f"{prog}: environment error: {err}")
         return EXIT_ENVIRONMENT
     except OSError as err:
         disk = disk_error(err)
         if disk is None:
             raise
-        print(f"{prog}: error: {disk}", file=sys.stderr)
+        lib_console.error(f"{prog}: error: {disk}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        lib_console.error(f"{prog}: interrupted")
         return 130
     return 0
+
+
+def command_line(cli: Callable[[], int]) -> int:
+    """Run a job's ``cli`` as the process's command (``python -m jobs.X``, ``cifar-embed X``): the one place
+    that lets :func:`run_job` take over the terminal."""
+    global _command_line
+    _command_line = True
+    return cli()
+
+
+_command_line = False
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``), else None; the parser checks it later."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def usage() -> str:
@@ -70,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cifar-embed: error: unknown stage {stage!r} (choose from {', '.join(STAGES)})", file=sys.stderr)
         return 2
     module = importlib.import_module(STAGES[stage][0])
-    return module.cli(rest)
+    return command_line(lambda: module.cli(rest))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.cli import run_job
+from jobs.cli import command_line, run_job
 from lib.backbones import check_backbones
 from lib.config import check_ranges, option, to_dict
 from lib.console import log
@@ -177,4 +177,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(command_line(cli))

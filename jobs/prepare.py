@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from jobs.cli import run_job
+from jobs.cli import command_line, run_job
 from lib.prepare import PrepareConfig
 from onray.prepare import prepare_data
 
@@ -28,4 +28,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(command_line(cli))

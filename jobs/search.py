@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.cli import run_job
+from jobs.cli import command_line, run_job
 from lib.config import option
 from lib.console import log
 from lib.errors import UserError
@@ -123,8 +123,8 @@ def join_image_arguments(argv: list[str]) -> list[str]:
 
 def cli(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    return run_job(main, SearchConfig, join_image_arguments(argv), prog="jobs.search")
+    return run_job(main, SearchConfig, join_image_arguments(argv), prog="jobs.search", console=False)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(command_line(cli))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from jobs.cli import run_job
+from jobs.cli import command_line, run_job
 from lib.paths import RunPaths
 from lib.training import METRIC, TrainConfig
 from onray.trainer import BackboneFailed, train_backbones
@@ -47,4 +47,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(command_line(cli))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from jobs.cli import run_job
+from jobs.cli import command_line, run_job
 from tuning.run import TuneFailed, TuneJobConfig, tune_backbone
 
 __all__ = ["TuneJobConfig", "cli", "main"]
@@ -28,4 +28,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(command_line(cli))

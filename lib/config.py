@@ -177,6 +177,8 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
                      formatter_class=_HelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="YAML file of defaults (keys = the flags below); flags override it")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own log lines on the terminal too (they always go to the job's log file)")
     hints = _field_types(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -226,7 +228,7 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None, prog: str | No
             action.required = False
     # Enforce "required" ourselves, so a value given in the YAML file satisfies it.
     namespace = parser.parse_args(argv)
-    values = {k: v for k, v in vars(namespace).items() if k != "config"}
+    values = {k: v for k, v in vars(namespace).items() if k not in ("config", "verbose")}
     missing = [f"--{k.replace('_', '-')}" for k, v in values.items() if v is None and _is_required(cls, k)]
     if missing:
         raise UserError(f"the following arguments are required: {', '.join(missing)} (see --help)")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,3 +304,39 @@ class PreparedData:
         if missing:
             raise UserError(f"id {missing[0]!r} is not in the {split} split of {self.root}")
         return table_images(table)[[position[i] for i in ids]]
+
+
+def write_subset(data: PreparedData, split: str, ids: np.ndarray, folder: str | os.PathLike, parts: int) -> list[str]:
+    """The rows of ``split`` whose id is in ``ids`` as ``parts`` Parquet files in ``folder`` (written once).
+
+    A training subset (``--train-per-class``) is chosen by the driver and written here once, so each trainer,
+    each Tune trial and each resumed run reads a few small files instead of the whole split filtered again.
+    The folder appears whole or not at all (written aside, then renamed), so concurrent writers and an
+    interrupted write are harmless; the caller names the folder after everything that decides its rows.
+    """
+    import pyarrow.compute as pc
+
+    folder = Path(folder)
+    names = [f"part-{i:03d}.parquet" for i in range(max(1, parts))]
+    if not all((folder / name).is_file() for name in names):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+        try:
+            wanted = pa.array(np.asarray(ids).astype(str))
+            tables = []
+            for path in data.files(split):
+                table = pq.read_table(path)
+                tables.append(table.filter(pc.is_in(table.column("id"), value_set=wanted)))
+            subset = pa.concat_tables(tables)
+            bounds = np.linspace(0, len(subset), len(names) + 1).astype(int)
+            for name, start, stop in zip(names, bounds[:-1], bounds[1:], strict=True):
+                pq.write_table(subset.slice(start, stop - start), staged / name)
+            try:
+                os.rename(staged, folder)
+            except OSError:  # another writer finished first (or a partial folder is in the way)
+                if not all((folder / name).is_file() for name in names):
+                    shutil.rmtree(folder, ignore_errors=True)
+                    os.rename(staged, folder)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    return [str(folder / name) for name in names]

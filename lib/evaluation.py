@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lib.config import check_ranges, option
-from lib.console import log
+from lib.console import detail, log
 from lib.dataset import SPLITS, PreparedData
 from lib.devices import USE_GPU_HELP, UseGpu
 from lib.embedding import ModelSource, trained_config, write_split
@@ -128,7 +128,7 @@ def score_model(name: str, splits: Splits, use_gpu: str, extra: dict) -> dict[st
     from lib.retrieval.protocols import evaluate_protocols, linear_probe
 
     (_, train_labels, train), (_, test_labels, test) = splits["train"], splits["test"]
-    log(f"{name}: retrieval (protocols L and G) and linear probe on {len(test)} test / {len(train)} train")
+    detail(f"{name}: retrieval (protocols L and G) and linear probe on {len(test)} test / {len(train)} train")
     protocols = evaluate_protocols(train, train_labels, test, test_labels, use_gpu=use_gpu)
     train_acc, test_acc = linear_probe(train, train_labels, test, test_labels)
     entry = model_entry(protocols, train_acc, test_acc, **extra)

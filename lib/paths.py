@@ -61,6 +61,10 @@ class RunPaths:
     def eval(self) -> Path:
         return self.root / "eval"
 
+    def subset(self, name: str) -> Path:
+        """A training subset of DATA written once for every trainer (:func:`lib.dataset.write_subset`)."""
+        return self.root / "subsets" / name
+
     @property
     def pipeline_record(self) -> Path:
         return self.root / "pipeline.json"

@@ -41,11 +41,6 @@ def _resize(batch: dict[str, np.ndarray], image_size: int | None) -> dict[str, n
     return {"image": resize_batch(batch["image"], image_size).numpy(), "label": batch["label"]}
 
 
-def _keep_rows(batch: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
-    mask = np.isin(np.asarray(batch["id"]).astype(str), keep)
-    return {"image": batch["image"][mask], "label": batch["label"][mask]}
-
-
 def default_num_blocks(rows: int) -> int:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return max(1, min(BLOCKS_PER_CPU * cpus, rows // MIN_ROWS_PER_BLOCK))
@@ -53,7 +48,7 @@ def default_num_blocks(rows: int) -> int:
 
 def augmented_dataset(data: PreparedData, split: str = "train", settings: AugmentSettings = AugmentSettings(),
                       shuffle: Shuffle = "blocks", augment: bool = True, num_blocks: int | None = None,
-                      keep_ids: np.ndarray | None = None) -> ray.data.Dataset:
+                      files: list[str] | None = None) -> ray.data.Dataset:
     """Rows ``{"image": (3, S, S) uint8, "label": int64}``, augmented afresh every epoch.
 
     ``shuffle``: ``"blocks"`` reorders the cached blocks every epoch (cheap; pair it with
@@ -61,16 +56,14 @@ def augmented_dataset(data: PreparedData, split: str = "train", settings: Augmen
     ``random_shuffle`` every epoch, ``"none"`` keeps file order (evaluation).
     ``augment=False`` only resizes (to ``settings.image_size``), for validation and embedding.
     Each cached block is one map task per epoch; ``num_blocks`` defaults to two per cluster CPU.
-    ``keep_ids`` restricts the split to those image ids (a subset for quick runs).
+    ``files``: read these Parquet files (a subset of the split written by :func:`lib.dataset.write_subset`) as
+    they are, one block each, instead of the whole split repartitioned.
     """
-    if keep_ids is None:
-        rows = data.rows(split)
-        base = read_split_dataset(data, split)
+    if files is None:
+        base = read_split_dataset(data, split).repartition(num_blocks or default_num_blocks(data.rows(split)))
     else:
-        rows = len(keep_ids)
-        base = read_split_dataset(data, split, columns=("id", "image", "label")).map_batches(
-            _keep_rows, batch_size=None, fn_kwargs={"keep": np.asarray(keep_ids).astype(str)})
-    base = base.repartition(num_blocks or default_num_blocks(rows)).materialize()
+        base = ray.data.read_parquet(files, override_num_blocks=len(files)).select_columns(["image", "label"])
+    base = base.materialize()
     if shuffle == "blocks":
         base = base.randomize_block_order()
     elif shuffle == "full":

@@ -15,7 +15,7 @@ import numpy as np
 import ray
 import torch
 
-from lib.console import log
+from lib.console import Progress, log
 from lib.dataset import SPLITS, PreparedData
 from lib.devices import available_cpus, cuda_unusable_reason
 from lib.embedding import (
@@ -31,8 +31,6 @@ from lib.paths import RunPaths
 from lib.precision import uses_bf16
 from onray.data import read_prepared
 from onray.plan import actor_plan
-
-PROGRESS_EVERY_S = 15
 
 
 class EmbedBatches:
@@ -74,13 +72,12 @@ def stream_embeddings(data: PreparedData, sources: list[ModelSource], plan: dict
                       batch_size: int) -> dict[str, dict[str, np.ndarray]]:
     """Embed every split of ``data`` with every source in one streaming pass (Ray Data actor pool).
 
-    Returns ``{split: {"id", "label", "embedding_<i>"}}`` (rows in arrival order) and logs progress every
-    ``PROGRESS_EVERY_S`` seconds.
+    Returns ``{split: {"id", "label", "embedding_<i>"}}`` (rows in arrival order); shows a progress bar.
     """
     columns = ["id", "label", *(f"embedding_{i}" for i in range(len(sources)))]
     parts: dict[str, list[dict[str, np.ndarray]]] = {split: [] for split in SPLITS}
     total = sum(data.rows(split) for split in SPLITS)
-    started = last_log = time.perf_counter()
+    progress = Progress(total, f"embed with {len(sources)} model(s)")
     done = 0
     images = read_prepared(data, readers=plan["actors"])
     for batch in embedding_dataset(images, sources, plan, batch_size).iter_batches(batch_size=None,
@@ -90,9 +87,8 @@ def stream_embeddings(data: PreparedData, sources: list[ModelSource], plan: dict
             keep = splits == split
             parts[str(split)].append({k: np.asarray(batch[k])[keep] for k in columns})
         done += len(splits)
-        if time.perf_counter() - last_log > PROGRESS_EVERY_S or done == total:
-            last_log, rate = time.perf_counter(), done / (time.perf_counter() - started)
-            log(f"embedded {done}/{total} images ({rate:.0f} images/s, about {(total - done) / rate:.0f} s left)")
+        progress.update(done)
+    progress.close()
     merged = {}
     for split, chunks in parts.items():
         if not chunks:

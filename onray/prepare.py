@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from lib import dataset as ds
-from lib.console import log
+from lib.console import Progress, detail, log
 from lib.io import ensure_writable_dir, replace_dir, staging_dir, write_json
 from lib.prepare import (
     PrepareConfig,
@@ -57,7 +57,15 @@ def decode_and_write(listing: Listing, splits: np.ndarray, out_dir: Path) -> lis
     dataset = ray.data.from_arrow(listing_blocks(listing, splits)).map_batches(
         ds.write_shard_batch, batch_size=None, batch_format="numpy", zero_copy_batch=True,
         fn_kwargs={"out_dir": str(out_dir), "image_shape": listing.image_shape, "classes": listing.classes})
-    return [json.loads(row["summary"]) for row in dataset.take_all()]
+    summaries, done = [], 0
+    progress = Progress(len(listing), "decode + write")
+    for row in dataset.iter_rows():
+        summary = json.loads(row["summary"])
+        summaries.append(summary)
+        done += sum(item["rows"] for item in summary["written"]) + len(summary["bad"])
+        progress.update(done)
+    progress.close()
+    return summaries
 
 
 def prepare_data(cfg: PrepareConfig) -> Path:
@@ -83,7 +91,7 @@ def _prepare(cfg: PrepareConfig, data_dir: Path, started: float) -> Path:
         log(f"{data_dir} is already prepared from {source}; nothing to do")
         return data_dir
 
-    log(f"listing {source}")
+    detail(f"listing {source}")
     listing = list_source(source, Path(cfg.cache_dir), cfg.test_fraction, cfg.seed)
     splits = assign_splits(listing, cfg.val_fraction, cfg.seed)
     log(f"{len(listing)} images in {len(listing.classes)} classes ({listing.notes['layout']}), "

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from lib import console
 from lib.console import log
 from lib.devices import available_cpus
 from lib.errors import EnvironmentProblem, UserError
@@ -40,6 +41,26 @@ def free_local_port() -> int:
         return sock.getsockname()[1]
 
 
+def listen_on_loopback() -> None:
+    """Make the local Ray this process starts listen on 127.0.0.1 only.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` does not do it: Ray swaps a loopback address for the
+    machine's routable one, and its GCS, raylet, agents and workers then listen on every interface.
+    Ray has one switch that keeps a node on loopback, made for laptops (a macOS/Windows firewall prompt,
+    ray-project/ray#18730): ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes the node IP 127.0.0.1, and Ray's servers
+    bind to the node IP. It is read from the environment by every process Ray starts (they inherit this one's)
+    and once, at import, by this one, hence the module constant beside it. A node on loopback cannot join or
+    be joined by other machines, which is what a local run wants; a cluster run (``RAY_ADDRESS``) never
+    comes here. :func:`init_ray` takes the variable out of the environment again once Ray is up, so a
+    ``ray start`` this process runs later (a test's cluster) is not held to loopback. Checked by
+    tests/integration/test_console.py, which lists a job's listening sockets.
+    """
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
     """Attach to the cluster in ``RAY_ADDRESS``, or start a local Ray sized by :func:`local_num_cpus`.
 
@@ -51,11 +72,21 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet = console.is_active() and not console.is_verbose()
+    if console.is_active():
+        log(f"log file: {console.open_log_file()}" + ("" if console.is_verbose() else
+                                                       " (Ray's own lines go there; --verbose shows them here too)"))
+    if quiet:
+        # Our bars stand in for Ray Data's (theirs would be drawn into the log file); workers inherit this.
+        os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     if on_cluster():
         # Inside `ray job submit` the supervisor sets RAY_ADDRESS; a bare init() attaches to it.
         ray.init(log_to_driver=kwargs.get("log_to_driver", True))
+        if quiet:
+            route_worker_lines()
         return
     started = time.perf_counter()
+    listen_on_loopback()
     # Ray Train V2 watches its controller through the state API, which the dashboard serves; it
     # also shows progress at http://127.0.0.1:<port>.
     kwargs.setdefault("include_dashboard", True)
@@ -67,9 +98,42 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
         # this run's workers. Every process of this Ray inherits this environment, so they all ask this
         # Ray's own dashboard.
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{kwargs['dashboard_port']}"
-    start_local_ray(num_cpus or local_num_cpus(), **kwargs)
-    log(f"started a local Ray with {num_cpus or local_num_cpus()} logical CPUs "
-        f"in {time.perf_counter() - started:.1f} s (set RAY_ADDRESS to use a cluster)")
+    try:
+        start_local_ray(num_cpus or local_num_cpus(), **kwargs)
+    finally:
+        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    if quiet:
+        route_worker_lines()
+    console.detail(f"started a local Ray with {num_cpus or local_num_cpus()} logical CPUs "
+                   f"in {time.perf_counter() - started:.1f} s (set RAY_ADDRESS to use a cluster)")
+
+
+def route_worker_lines() -> None:
+    """Send what Ray workers print (forwarded to this driver) to the log file, showing on the terminal only our
+    own lines and Ray's error lines (:func:`lib.console.routine_ray_line` decides).
+
+    Ray hands each batch of forwarded lines to the handlers of its driver-side dispatcher; the stock handler
+    prints them all. That dispatcher is not public API: if a Ray release renames it, the lines keep going to
+    the terminal as before (tests/unit/test_console.py notices).
+    """
+    from ray._private import worker as ray_worker
+
+    dispatcher = getattr(ray_worker, "global_worker_stdstream_dispatcher", None)
+    if dispatcher is None or not hasattr(dispatcher, "remove_handler"):
+        return
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("cifar_embed_worker_lines", _worker_lines)
+
+
+def _worker_lines(data: dict[str, Any]) -> None:
+    who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
+    for line in data.get("lines", ()):
+        if console.OURS.match(line):
+            console.show(line)
+        elif console.ray_error_line(line):
+            console.show(f"{who} {line}")
+        else:
+            console.to_log_file(f"{who} {line}")
 
 
 def start_local_ray(num_cpus: int, attempts: int = START_ATTEMPTS, **kwargs: Any) -> None:

@@ -38,6 +38,7 @@ from lib.training import (
     train_epoch,
     val_retrieval_metrics,
 )
+from onray.progress import StepReporter
 
 PROGRESS_EVERY_S = 30.0
 
@@ -134,13 +135,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log(f"{cfg.backbone}: untrained val mAP@5 {history[0][METRIC]:.3f}, P@5 {history[0]['val_p@5']:.3f}")
 
+    # rank 0's position goes to the driver's progress bars when it gave a board (jobs.train); else a line now and then
+    reporter = StepReporter(config.get("progress") if rank == 0 else None, cfg.backbone, cfg.epochs, steps_per_epoch,
+                            cfg.batch_size * world)
     for epoch in range(history[-1]["epoch"] + 1, cfg.epochs + 1):
         _maybe_inject_failure(cfg, epoch, rank)
         started = last_log = time.perf_counter()
+        reporter.step(epoch, 0, force=True)
 
         def progress(step: int, totals: np.ndarray, epoch: int = epoch) -> None:
             nonlocal last_log
-            if rank == 0 and time.perf_counter() - last_log > PROGRESS_EVERY_S:
+            reporter.step(epoch, step)
+            if rank == 0 and reporter.board is None and time.perf_counter() - last_log > PROGRESS_EVERY_S:
                 last_log = time.perf_counter()
                 log(f"{cfg.backbone} epoch {epoch}: step {step}/~{steps_per_epoch}, loss {totals[0] / totals[1]:.4f}")
 
@@ -150,6 +156,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         totals = train_epoch(model, _all_have_batches(batches, device), objective, optimizer, scheduler, device, bf16,
                              on_step=progress)
         seconds = time.perf_counter() - started
+        reporter.step(epoch, steps_per_epoch, force=True)
         loss_sum, steps, images, active, valid, spread = _sum_across_ranks(totals.tolist(), device)
         if steps == 0:
             raise RuntimeError(f"epoch {epoch} had no class-balanced batch of {cfg.batch_size} "

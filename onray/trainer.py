@@ -26,13 +26,13 @@ from lib.augment import AugmentSettings
 from lib.backbones import build_model, fetch_imagenet_weights
 from lib.checkpoints import load_train_state
 from lib.config import from_dict, to_dict
-from lib.console import log
-from lib.dataset import PreparedData
+from lib.console import detail, log
+from lib.dataset import PreparedData, write_subset
 from lib.errors import UserError, disk_error, failure_reason
 from lib.io import atomic_copy, atomic_open, ensure_writable_dir, write_json
 from lib.paths import RunPaths
 from lib.training import METRIC, TrainConfig, best_epoch, per_class_subset
-from onray.data import augmented_dataset
+from onray.data import augmented_dataset, default_num_blocks
 from onray.plan import (
     TrainPlan,
     check_cuda_on_a_gpu_node,
@@ -41,11 +41,14 @@ from onray.plan import (
     plan_training,
     reachable_gpus,
 )
+from onray.progress import TrainingBars
 from onray.runtime import check_cluster_paths, check_shared_storage, init_ray, on_cluster
 from onray.train_loop import train_loop_per_worker
 
 # Settings that do not change what a training run computes: a rerun that differs only in them is the same run.
 NOT_RESULT_KEYS = ("max_failures", "inject_failure", "storage")
+# How often the driver moves the per-backbone progress bars while it waits for the trainers.
+BAR_POLL_S = 1.0
 
 
 class BackboneFailed(Exception):
@@ -91,33 +94,33 @@ def check_weights(cfg: TrainConfig) -> None:
 
 
 def build_trainer(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_per_node: int = 1, *,
-                  name: str, storage: str, callbacks: list | None = None) -> TorchTrainer:
+                  name: str, storage: str, callbacks: list | None = None, progress=None) -> TorchTrainer:
     """The ``TorchTrainer`` of one training run of ``cfg`` (used by :func:`fit_backbone` and each Tune trial).
 
     Builds the Ray Datasets (augmented train subset, resized val subset); the run keeps its checkpoints
     under ``storage/name``, so a second trainer with the same name and storage resumes from them.
-    ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
+    ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``); ``progress`` is the
+    :class:`onray.progress.ProgressBoard` the workers report their steps to (None: they log a line now and then).
     """
     # The job logs its own per-epoch progress; per-epoch dataset bars would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     data = PreparedData.open(cfg.data_dir)
     settings = AugmentSettings(image_size=cfg.image_size)
     datasets = {}
-    rows = 0
-    for split, per_class, augment in (("train", cfg.train_per_class, True), ("val", cfg.val_per_class, False)):
-        ids, labels = data.ids_and_labels(split)
-        keep = per_class_subset(ids, labels, per_class, cfg.seed) if per_class else None
-        rows = rows or (len(keep) if keep is not None else len(ids))
-        if split == "train" and rows // cfg.num_workers < cfg.batch_size:
-            raise UserError(f"{rows} train images give each of {cfg.num_workers} workers fewer than "
-                            f"--batch-size {cfg.batch_size}: lower --batch-size or --num-workers")
-        datasets[split] = augmented_dataset(data, split, settings, augment=augment, keep_ids=keep,
+    subsets = training_subsets(cfg, data)
+    rows = subsets["train"][1] if subsets["train"] else data.rows("train")
+    if rows // cfg.num_workers < cfg.batch_size:
+        raise UserError(f"{rows} train images give each of {cfg.num_workers} workers fewer than "
+                        f"--batch-size {cfg.batch_size}: lower --batch-size or --num-workers")
+    for split, augment in (("train", True), ("val", False)):
+        files = subsets[split][0] if subsets[split] else None
+        datasets[split] = augmented_dataset(data, split, settings, augment=augment, files=files,
                                             shuffle="blocks" if augment else "none")
     resources = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": to_dict(cfg), "rows_per_worker": rows // cfg.num_workers,
-                           "num_classes": num_classes, "trainers_per_node": trainers_per_node},
+                           "num_classes": num_classes, "trainers_per_node": trainers_per_node, "progress": progress},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage, callbacks=callbacks,
@@ -126,6 +129,25 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_pe
                                                checkpoint_score_order="max")),
         datasets=datasets,
     )
+
+
+def training_subsets(cfg: TrainConfig, data: PreparedData) -> dict[str, tuple[list[str], int] | None]:
+    """For train and val: the files of the ``--train-per-class`` / ``--val-per-class`` subset and its row count
+    (None when the whole split is used). The first call writes them under ``RUN/subsets/`` (named after DATA's
+    fingerprint, the split, the size per class, the seed and the number of files); later ones, in every trainer,
+    Tune trial and resumed run, find them there."""
+    subsets: dict[str, tuple[list[str], int] | None] = {}
+    for split, per_class in (("train", cfg.train_per_class), ("val", cfg.val_per_class)):
+        if not per_class:
+            subsets[split] = None
+            continue
+        ids, labels = data.ids_and_labels(split)
+        keep = per_class_subset(ids, labels, per_class, cfg.seed)
+        parts = default_num_blocks(len(keep))
+        name = f"{split}-{per_class}-per-class-seed{cfg.seed}-{parts}-files-{data.fingerprint()[:12]}"
+        files = write_subset(data, split, keep, RunPaths.of(cfg.run_dir).subset(name), parts)
+        subsets[split] = (files, len(keep))
+    return subsets
 
 
 def local_run_folder(storage: str, name: str) -> Path | None:
@@ -150,7 +172,8 @@ def check_resume_checkpoint(storage: str, name: str) -> None:
         load_train_state(checkpoints[-1], "cpu", run_folder=folder)
 
 
-def fit_backbone(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_per_node: int = 1) -> dict[str, Any]:
+def fit_backbone(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_per_node: int = 1,
+                 progress=None) -> dict[str, Any]:
     """Train ``cfg.backbone`` (resuming a run in the same storage) and write its outputs; returns the summary.
 
     ``trainers_per_node``: how many trainers share each machine's cores (CPU workers split them).
@@ -160,7 +183,8 @@ def fit_backbone(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_per
     check_resume_checkpoint(storage, name)  # a bad checkpoint fails here, once, not in every restarted worker
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)  # an earlier config's outputs are stale from here on
-    trainer = build_trainer(cfg, use_gpu, num_classes, trainers_per_node, name=name, storage=storage)
+    trainer = build_trainer(cfg, use_gpu, num_classes, trainers_per_node, name=name, storage=storage,
+                            progress=progress)
     started = time.perf_counter()
     result = trainer.fit()
     return write_outputs(cfg, result, time.perf_counter() - started)
@@ -195,8 +219,8 @@ def write_outputs(cfg: TrainConfig, result, seconds: float) -> dict[str, Any]:
 
 
 @ray.remote(num_cpus=0)
-def _fit_remote(config: dict, use_gpu: bool, num_classes: int, trainers_per_node: int) -> dict[str, Any]:
-    return fit_backbone(from_dict(TrainConfig, config), use_gpu, num_classes, trainers_per_node)
+def _fit_remote(config: dict, use_gpu: bool, num_classes: int, trainers_per_node: int, progress) -> dict[str, Any]:
+    return fit_backbone(from_dict(TrainConfig, config), use_gpu, num_classes, trainers_per_node, progress)
 
 
 def plan(cfg: TrainConfig) -> TrainPlan:
@@ -233,6 +257,9 @@ def train_backbones(given: TrainConfig) -> list[TrainConfig]:
     init_ray()
     check_shared_storage(models, data.root, cfg.storage)
     shape = plan(cfg)
+    started = time.perf_counter()
+    if any(training_subsets(cfg, data).values()):  # once here, not in each trainer
+        detail(f"training subsets ready in {time.perf_counter() - started:.1f} s")
     # each backbone resolves on its own: a preset may size epochs per backbone (BACKBONE_PRESETS)
     configs = {bb: dataclasses.replace(given.for_backbone(bb).resolve(), num_workers=shape.num_workers)
                for bb in cfg.backbones}
@@ -249,25 +276,38 @@ def train_backbones(given: TrainConfig) -> list[TrainConfig]:
     # Each trainer's driver (and so every output file of the backbone) stays on this node: only checkpoints travel.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     pending, running, failures = list(todo), {}, {}
-    while pending or running:
-        while pending and len(running) < shape.concurrent:
-            backbone = pending.pop(0)
-            ref = _fit_remote.options(scheduling_strategy=here).remote(to_dict(configs[backbone]), shape.use_gpu,
-                                                                       len(data.classes), sharing)
-            running[ref] = backbone
-        ready, _ = ray.wait(list(running), num_returns=1)
-        backbone = running.pop(ready[0])
-        try:
-            ray.get(ready[0])
-        except ray.exceptions.RayError as err:
-            cause = getattr(err, "cause", None) or err
-            if isinstance(cause, UserError):
-                raise cause from None
-            if disk_error(cause) is not None:
-                raise disk_error(cause) from None
-            failures[backbone] = failure_reason(cause)
-            log(f"{backbone}: FAILED - {failures[backbone]}")
-            traceback.print_exception(cause, file=sys.stderr, limit=-3)
+    bars = TrainingBars(todo)
+    try:
+        while pending or running:
+            while pending and len(running) < shape.concurrent:
+                backbone = pending.pop(0)
+                ref = _fit_remote.options(scheduling_strategy=here).remote(
+                    to_dict(configs[backbone]), shape.use_gpu, len(data.classes), sharing, bars.board)
+                running[ref] = backbone
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=BAR_POLL_S)
+            bars.poll()
+            if ready:
+                backbone = running.pop(ready[0])
+                bars.close(backbone)
+                _collect(ready[0], backbone, failures)
+    finally:
+        bars.close()
     if failures:
         raise BackboneFailed(failures)
     return list(configs.values())
+
+
+def _collect(ref, backbone: str, failures: dict[str, str]) -> None:
+    """The result of one trainer: a bad input or a full disk stops the job; another failure is noted in
+    ``failures`` and the other trainers go on."""
+    try:
+        ray.get(ref)
+    except ray.exceptions.RayError as err:
+        cause = getattr(err, "cause", None) or err
+        if isinstance(cause, UserError):
+            raise cause from None
+        if disk_error(cause) is not None:
+            raise disk_error(cause) from None
+        failures[backbone] = failure_reason(cause)
+        log(f"{backbone}: FAILED - {failures[backbone]}")
+        traceback.print_exception(cause, file=sys.stderr, limit=-3)

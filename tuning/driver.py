@@ -18,8 +18,9 @@ import ray
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from lib import console
 from lib.config import from_dict, to_dict
-from lib.console import log
+from lib.console import Progress, log
 from lib.training import HPARAM_KEYS, METRIC, METRIC_MODE, TrainConfig
 from onray.trainer import build_trainer
 from tuning.spaces import Space, to_tune
@@ -58,6 +59,44 @@ class ReleaseStoppedTrainers(ray.tune.Callback):
         if time.monotonic() - self.last >= self.every_s:
             self.last = time.monotonic()
             release_orphaned_placement_groups()
+
+
+class TrialsBar(ray.tune.Callback):
+    """One progress bar for the whole search, counting trial epochs: each reported epoch moves it by one, and
+    a trial that ends early (ASHA, an error) counts its remaining epochs as done, so the bar ends full."""
+
+    def __init__(self, trials: int, epochs: int, name: str):
+        self.trials, self.epochs, self.name, self.done, self.best = trials, epochs, name, 0, None
+        self.counted: dict[str, int] = {}
+        self.bar: Progress | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune saves its callbacks with the experiment; a bar stays here
+        return {**self.__dict__, "bar": None}
+
+    @property
+    def progress(self) -> Progress:
+        if self.bar is None:
+            self.bar = Progress(self.trials * self.epochs, f"tune {self.name}", unit="epoch", initial=self.done)
+        return self.bar
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.counted[trial.trial_id] = self.counted.get(trial.trial_id, 0) + 1
+        self.done += 1
+        if result.get(METRIC) is not None and (self.best is None or result[METRIC] > self.best):
+            self.best = result[METRIC]
+        self.progress.update(self.done, postfix=f"best {METRIC} {self.best:.3f}" if self.best is not None else "")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += max(0, self.epochs - self.counted.get(trial.trial_id, 0))
+        self.counted[trial.trial_id] = self.epochs
+        self.progress.update(self.done)
+
+    on_trial_error = on_trial_complete
+
+    def on_experiment_end(self, trials, **info):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def release_orphaned_placement_groups() -> int:
@@ -130,8 +169,11 @@ def fit(base: TrainConfig, space: Space, storage: str, *, search: str, num_sampl
         tune_config=ray.tune.TuneConfig(metric=METRIC, mode=METRIC_MODE, num_samples=num_samples,
                                         scheduler=scheduler, search_alg=searcher,
                                         max_concurrent_trials=None if search == "random" else max_concurrent),
-        run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=storage, verbose=1,
-                                      callbacks=[ReleaseStoppedTrainers()],
+        # Tune's own status table goes to stdout: a routed console shows the bar instead (--verbose both).
+        run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=storage,
+                                      verbose=0 if console.is_active() and not console.is_verbose() else 1,
+                                      callbacks=[ReleaseStoppedTrainers(), TrialsBar(num_samples, base.epochs,
+                                                                                     base.backbone)],
                                       failure_config=ray.tune.FailureConfig(max_failures=max_failures)),
     )
     return tuner.fit()

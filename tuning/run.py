@@ -80,7 +80,7 @@ def tune_backbone(cfg: TuneJobConfig) -> Path:
     # A bad space stops the job above, before Ray, Train and Tune are imported (seconds).
     from onray.plan import cluster_cpus_gpus, plan_trials
     from onray.runtime import check_shared_storage, init_ray, on_cluster
-    from onray.trainer import check_weights, plan
+    from onray.trainer import check_weights, plan, training_subsets
     from tuning import driver, report
 
     preset = driver.TUNE_PRESETS[cfg.preset]
@@ -110,6 +110,7 @@ def tune_backbone(cfg: TuneJobConfig) -> Path:
         log(f"warning: --max-concurrent {cfg.max_concurrent} is more than the {fits} trial(s) this cluster "
             f"fits now; Ray Data may wait for CPUs that trial drivers hold")
     concurrent = cfg.max_concurrent or fits
+    training_subsets(base, data)  # written once here, found by every trial
     write_json(out / "tune_config.json", identity)
     trials = settings["num_samples"] * math.prod(len(d.values) for d in space.values() if d.kind == "grid")
     log(f"tuning {cfg.backbone}: {trials} trial(s), {cfg.search} search, up to {concurrent} at "
