@@ -41,11 +41,12 @@ def run_job(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] |
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if console and _command_line and not {"-h", "--help"} & set(argv):
-        run_dir = _flag_value(argv, "--run-dir")
-        lib_console.start(prog.removeprefix("jobs."), Path(run_dir).expanduser() / "logs" if run_dir else None,
+        lib_console.start(prog.removeprefix("jobs."), None,
                           verbose="--verbose" in argv or bool(os.environ.get("CIFAR_EMBED_VERBOSE")))
     try:
         config = parse_config(config_cls, argv, prog=prog)
+        if getattr(config, "run_dir", None):
+            lib_console.use_log_dir(Path(config.run_dir).expanduser() / "logs")
         main(config)
     except UserError as err:
         lib_console.error(f"{prog}: error: {err}")
@@ -77,16 +78,6 @@ def command_line(cli: Callable[[], int]) -> int:
 
 
 _command_line = False
-
-
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    """The value of ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``), else None; the parser checks it later."""
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def usage() -> str:

@@ -48,6 +48,8 @@ HARMLESS = (
 _RAY_PY = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+\S+:\d+ -- ")
 # Ray's C++ log lines: "[2026-11-30 01:03:09,227 E 24462 24462] core_worker.cc:2465: ..."
 _RAY_CPP = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([DIWEF]) \d+ \d+\] ")
+# The marker line _drain writes to fd 2 to learn that the reader has caught up (never shown or logged).
+_SYNC = "\x00console-sync "
 # Our own lines, also when a Ray worker prints them: "[01:03:00] densenet121: ..."
 OURS = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
 
@@ -63,6 +65,8 @@ class _Console:
         self.lock = threading.RLock()
         self.bars = 0  # open tqdm bars: lines must go through tqdm.write so a bar is not torn
         self.reader: threading.Thread | None = None
+        self.synced = threading.Condition()
+        self.marker = self.seen = 0  # the last marker written to fd 2 by _drain, and the last one the reader met
 
 
 _console = _Console()
@@ -186,13 +190,30 @@ def start(stage: str, log_dir: str | os.PathLike | None, verbose: bool = False) 
     atexit.register(_drain)
 
 
+def use_log_dir(log_dir: str | os.PathLike) -> None:
+    """Keep the log in ``log_dir`` (the job's ``RUN/logs``, known once its flags are parsed) instead of the default."""
+    if _console.active and _console.log_file is None:
+        _console.log_path = Path(log_dir).expanduser().absolute() / _console.log_path.name
+
+
 def open_log_file() -> Path | None:
-    """Create the log file (the input has passed its checks: the job is starting work) and write what was kept."""
+    """Create the log file (the input has passed its checks: the job is starting work) and write what was kept.
+    A folder that cannot take it (read-only, say: the job itself will say so) leaves it in the default one."""
     if not _console.active or _console.log_file is not None:
         return log_path()
-    _console.log_path.parent.mkdir(parents=True, exist_ok=True)
+    for folder in (_console.log_path.parent, default_log_dir()):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = open(folder / _console.log_path.name, "a", encoding="utf-8",  # noqa: SIM115
+                          errors="backslashreplace")
+            break
+        except OSError:
+            continue
+    else:
+        return None
     with _console.lock:
-        _console.log_file = open(_console.log_path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+        _console.log_path = folder / _console.log_path.name
+        _console.log_file = handle
         for line in _console.pending:
             _console.log_file.write(line + "\n")
         _console.pending.clear()
@@ -205,6 +226,11 @@ def _filter_native_stderr(fd: int) -> None:
     with open(fd, encoding="utf-8", errors="backslashreplace") as pipe:
         for line in pipe:
             line = line.rstrip("\n")
+            if line.startswith(_SYNC):
+                with _console.synced:
+                    _console.seen = int(line[len(_SYNC):])
+                    _console.synced.notify_all()
+                continue
             if routine_ray_line(line):
                 hiding = True
             elif not (hiding and (not line.strip() or line[0].isspace())):
@@ -216,25 +242,21 @@ def _filter_native_stderr(fd: int) -> None:
             to_log_file(line)
 
 
-def _drain() -> None:
-    """Wait (briefly) until what was written to fd 2 so far has been through the filter."""
-    if _console.reader is None:
+def _drain(timeout: float = 2.0) -> None:
+    """Wait until everything written to fd 2 so far has been through the filter: a marker line is written after
+    it and the reader says when it got there."""
+    if _console.reader is None or not _console.reader.is_alive():
         return
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()
-    deadline = time.monotonic() + 0.5
-    while time.monotonic() < deadline:
+    with _console.synced:
+        _console.marker += 1
+        marker = _console.marker
         try:
-            import fcntl
-            import termios
-
-            pending = bytearray(4)
-            fcntl.ioctl(2, termios.FIONREAD, pending)  # bytes written to the pipe and not yet read
-            if int.from_bytes(pending, sys.byteorder) == 0:
-                return
+            os.write(2, f"{_SYNC}{marker}\n".encode())
         except OSError:
             return
-        time.sleep(0.02)
+        _console.synced.wait_for(lambda: _console.seen >= marker, timeout=timeout)
 
 
 class Progress:
