@@ -8,7 +8,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +23,7 @@ from PIL import Image
 from jobs import search
 from jobs import serve as serve_job
 from tests.browser import Chromium, chromium_path
-from tests.conftest import image_array
+from tests.conftest import REPO, image_array
 from tests.integration.test_evaluate import evaluated_run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -184,6 +188,32 @@ def test_serve_job_bad_input_is_one_line_and_exit_2(service, tmp_path, capsys):
             assert serve_job.cli(argv) == 2
             err = capsys.readouterr().err
             assert message in err and err.count("\n") == 1, err
+
+
+def test_the_job_starts_its_own_ray_serves_and_stops_on_sigterm(service, tmp_path):
+    """``python -m jobs.serve`` as a person runs it: its own local Ray, the same answers, one line on ``kill``."""
+    from onray.runtime import free_local_port
+
+    url, run, _ = service
+    port, log = free_local_port(), tmp_path / "serve.log"
+    with open(log, "w") as output:  # a file, not a pipe: Ray's log lines must never fill a pipe and stall the job
+        job = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--run-dir", str(run), "--port", str(port)],
+                               cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline, answer = time.monotonic() + 150, None
+        while answer is None or answer.status_code != 200:
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+            with contextlib.suppress(requests.ConnectionError):
+                answer = post(f"http://127.0.0.1:{port}/", k=3, id="test/dog/0001.png")
+        assert answered(answer) == answered(post(url, k=3, id="test/dog/0001.png"))
+        job.send_signal(signal.SIGTERM)
+        job.wait(timeout=60)
+        assert job.returncode == 130 and "jobs.serve: interrupted" in log.read_text(), log.read_text()[-3000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
 
 
 def test_serve_run_builder_takes_the_run_and_refuses_unknown_arguments(service):
