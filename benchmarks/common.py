@@ -19,7 +19,7 @@ from lib.errors import UserError
 from lib.retrieval.index import l2_normalize
 
 # The suites' names, in the order --help lists them; jobs.benchmark maps each to its module.
-SUITE_NAMES = ("prepare", "inputs", "train", "retrieval", "tsne", "embed")
+SUITE_NAMES = ("prepare", "inputs", "train", "retrieval", "tsne", "embed", "serve")
 # <repo parent>/shared/datasets/cifar10 (this file is <repo>/benchmarks/common.py)
 DEFAULT_SOURCE = "imagefolder:" + os.environ.get(
     "CIFAR10_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10"))
@@ -47,6 +47,10 @@ class BenchmarkConfig:
                                        "GPU, else one single-threaded actor per core)")
     image_size: int | None = option(None, help="image side of the inputs suite's augmentation and of the embed "
                                                 "suite's networks (default: the stored size)")
+    serve_run: str = option("", help="evaluated RUN the serve suite queries (default: a synthetic run, an "
+                                     "untrained --backbone over a --serve-gallery rows index)")
+    serve_gallery: int = option(50_000, help="rows of the serve suite's synthetic gallery index")
+    serve_clients: int = option(8, help="concurrent HTTP clients of the serve suite's throughput loop")
     output: str = option("", help="also write the results as JSON to this file")
 
     def __post_init__(self) -> None:
@@ -58,7 +62,7 @@ class BenchmarkConfig:
             raise UserError(f"--epochs must be at least 2 (the first is a warm-up), got {self.epochs}")
         if self.embed_actors < 0:
             raise UserError(f"--embed-actors must be 0 (automatic) or more, got {self.embed_actors}")
-        check_ranges(self, positive=("batch_size", "train_images", "image_size"))
+        check_ranges(self, positive=("batch_size", "train_images", "image_size", "serve_gallery", "serve_clients"))
         if self.rounds < 1:
             raise UserError(f"--rounds must be at least 1, got {self.rounds}")
         check_backbones(self.embed_backbones)

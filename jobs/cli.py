@@ -23,6 +23,7 @@ STAGES = {
     "tune": ("jobs.tune", "search triplet margin, learning rate (and more) with Ray Tune; writes best.json"),
     "evaluate": ("jobs.evaluate", "embed with every model on Ray Data; retrieval, probes, clusters, stacking, report"),
     "search": ("jobs.search", "nearest train images of image files or test ids, from the saved index"),
+    "serve": ("jobs.serve", "browse a run and search it over HTTP: a Ray Serve app and a page"),
     "pipeline": ("jobs.pipeline", "prepare, (tune,) train and evaluate under one RUN; reruns resume"),
     "benchmark": ("jobs.benchmark", "measure the Ray paths against plain baselines"),
 }

@@ -51,8 +51,12 @@ def main(cfg: SearchConfig) -> Path | None:
     if cfg.stdin:
         return answer_lines(searcher, cfg.k, sys.stdin)
     names = list(cfg.test_ids or cfg.images)
-    images, labels, queries = (searcher.test_queries if cfg.test_ids else searcher.image_queries)(names)
-    similarities, neighbours = searcher.nearest(queries, cfg.k)
+    if cfg.test_ids:
+        images, labels, queries = searcher.test_queries(names)
+        similarities, neighbours = searcher.nearest(queries, cfg.k)
+    else:
+        images, labels = searcher.image_queries(names)
+        similarities, neighbours = searcher.search_images(images, cfg.k)
     print_neighbours(searcher, names, labels, similarities, neighbours)
     return draw_grid(cfg, searcher, images, labels, similarities, neighbours)
 
@@ -75,10 +79,11 @@ def answer_lines(searcher, k: int, lines) -> None:
         started = time.perf_counter()
         try:
             if Path(line).is_file():
-                _, labels, queries = searcher.image_queries([line])
+                images, labels = searcher.image_queries([line])
+                similarities, neighbours = searcher.search_images(images, k)
             else:
                 _, labels, queries = searcher.test_queries([line], pixels=False)
-            similarities, neighbours = searcher.nearest(queries, k)
+                similarities, neighbours = searcher.nearest(queries, k)
         except UserError as err:
             print(f"error: {err}", flush=True)
             continue

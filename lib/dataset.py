@@ -22,7 +22,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -53,8 +53,8 @@ def parquet_schema(image_shape: tuple[int, int, int]) -> pa.Schema:
 # --------------------------------------------------------------------------- decoding
 
 
-def decode_image_file(path: str, shape: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
-    """Decode one file to an RGB uint8 array of ``shape`` (H, W, 3).
+def decode_image_file(path: str | BinaryIO, shape: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
+    """Decode one file (a path or an open binary file) to an RGB uint8 array of ``shape`` (H, W, 3).
 
     Returns the array and the conversions applied (e.g. ``"mode L->RGB"``, ``"size 40x30->32x32"``).
     Images with transparency are composited on white; other sizes are scaled to cover the target
