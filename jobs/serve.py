@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from jobs.cli import run_job
+from jobs.cli import command_line, run_job
 from lib.config import option
 from lib.console import log
 from lib.errors import UserError
@@ -78,4 +78,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(command_line(cli))
