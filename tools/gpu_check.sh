@@ -65,10 +65,11 @@ EOF
 
 if [ "$PROBE_ONLY" = 1 ]; then
   for python in "$VENV/bin/python" python3; do
-    if command -v "$python" > /dev/null 2>&1 && "$python" -c "import torch" 2> /dev/null; then
-      why=$(torch_cuda "$python" 2>&1) || no_cuda "$why (driver ${DRIVER:-unknown})"
-      echo "CUDA: $GPU_NAME, driver $DRIVER, torch sees $why"; exit 0
+    command -v "$python" > /dev/null 2>&1 || continue
+    if seen=$(torch_cuda "$python" 2>&1); then
+      echo "CUDA: $GPU_NAME, driver $DRIVER, torch sees $seen"; exit 0
     fi
+    [ "$seen" = "torch is not installed" ] || no_cuda "$seen (driver ${DRIVER:-unknown})"
   done
   echo "CUDA: $GPU_NAME, driver $DRIVER (no torch installed yet to ask)"; exit 0
 fi
