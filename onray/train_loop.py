@@ -180,10 +180,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         seed = cfg.seed * 1000 + epoch * 10 + rank
         if on_device:
-            images, labels = whole_shard(train_shard, device)
-            index = epoch_batches(labels, cfg.batch_size, samples_per_class, seed=seed)
+            stored, stored_labels = whole_shard(train_shard, device)
+            index = epoch_batches(stored_labels, cfg.batch_size, samples_per_class, seed=seed)
             steps = _fewest_across_ranks(min(len(index), steps_per_epoch), device)  # DDP: equal step counts
-            batches = augmented_batches(images, labels, index[:steps], settings, fresh_generator(seed, device))
+            batches = augmented_batches(stored, stored_labels, index[:steps], settings, fresh_generator(seed, device))
         else:
             stream = train_shard.iter_torch_batches(batch_size=cfg.batch_size, device="cpu", prefetch_batches=2,
                                                     local_shuffle_buffer_size=4 * cfg.batch_size)
