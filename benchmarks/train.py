@@ -72,7 +72,7 @@ def plain_training_epochs(cfg: BenchmarkConfig, train_cfg, images, labels, epoch
         batches = augmented_batches(on_device_images, on_device_labels, index, settings,
                                     fresh_generator(epoch, device))
         totals = train_epoch(model, batches, objective, optimizer, scheduler, device, bf16)  # reads once: synced
-        rates.append(totals[EPOCH_TOTALS.index("images")] / (time.perf_counter() - started))
+        rates.append(float(totals[EPOCH_TOTALS.index("images")]) / (time.perf_counter() - started))
         log(f"train suite: plain loop epoch {epoch + 1}/{epochs}: {rates[-1]:.1f} images/s")
     return rates
 
@@ -241,10 +241,10 @@ def run(cfg: BenchmarkConfig, work: Path) -> dict:
         "batch_size": cfg.batch_size, "device": gpu or "CPU", "torch_threads": threads, "precision": precision,
         **{f"{side}_images_per_s": [[round(r, 1) for r in rates] for rates in runs[side]] for side in runs},
         **{f"{side}_median": median_of(side) for side in runs},
-        "ratios": [round(r, 3) for r in ratios["ray"]], "ratio": round(statistics.median(ratios["ray"]), 2),
-        "ray_data_ratios": [round(r, 3) for r in ratios["ray_data"]],
+        "ratios": [round(float(r), 3) for r in ratios["ray"]], "ratio": round(statistics.median(ratios["ray"]), 2),
+        "ray_data_ratios": [round(float(r), 3) for r in ratios["ray_data"]],
         "ratio_ray_data": round(statistics.median(ratios["ray_data"]), 2),
-        "worker_ratios": [round(r, 3) for r in ratios["worker"]],
+        "worker_ratios": [round(float(r), 3) for r in ratios["worker"]],
         "ratio_worker_alone": round(statistics.median(ratios["worker"]), 2),
         # each side against the plain runs beside it, so the machine's drift between the two sides cancels
         "ratio_device_over_ray_data_augmentation": round(statistics.median(ratios["ray"])

@@ -5,8 +5,8 @@ and val mAP@5 over the whole val split, then a report to Ray Train with rank 0's
 group resumes from the last checkpoint.
 
 With ``augment_on="device"`` (the default) the shard carries the stored images: the worker gathers its
-epoch's rows onto its device, picks P x K batches by index and augments (and resizes) them there; the
-val split is resized there once. With ``"data"`` Ray Data's map tasks augment on CPUs and the worker
+rows onto its device once, then each epoch picks P x K batches of them by index and augments (and resizes)
+them there; the val split is resized there once. With ``"data"`` Ray Data's map tasks augment on CPUs and the worker
 re-batches the stream. Per-step statistics stay on the device and are read once per epoch.
 """
 
@@ -149,6 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     settings = AugmentSettings(image_size=cfg.image_size)
     val = whole_shard(val_shard, device)  # read once; resized once, here, when the worker augments
     val = (resize_batch(val[0], cfg.image_size) if on_device and len(val[1]) else val[0], val[1])
+    train_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     history: list[dict[str, Any]] = []
     resumed_from = None
@@ -180,7 +181,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         seed = cfg.seed * 1000 + epoch * 10 + rank
         if on_device:
-            stored, stored_labels = whole_shard(train_shard, device)
+            # this worker's rows as stored, gathered from Ray Data once: every epoch draws new P x K batches and new
+            # views of them here, with no Ray Data step inside an epoch
+            stored, stored_labels = train_rows = train_rows or whole_shard(train_shard, device)
             index = epoch_batches(stored_labels, cfg.batch_size, samples_per_class, seed=seed)
             steps = _fewest_across_ranks(min(len(index), steps_per_epoch), device)  # DDP: equal step counts
             batches = augmented_batches(stored, stored_labels, index[:steps], settings, fresh_generator(seed, device))
