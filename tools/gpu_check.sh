@@ -116,7 +116,7 @@ set -e
 if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import jobs, ray, torch, torchvision, faiss" 2> /dev/null; then
   echo "reusing $VENV"; exit 0
 fi
-python3 -m venv "$VENV"
+python3 -m venv "$VENV" || { python3 -m pip install -q virtualenv && python3 -m virtualenv "$VENV"; }
 "$VENV/bin/python" -m pip install -q --upgrade pip
 if [ "${DRIVER%%.*}" -lt 580 ] 2> /dev/null; then
   echo "driver $DRIVER < 580: PyPI's torch is a CUDA 13 build; torch from PyTorch's cu128 index first"
