@@ -45,8 +45,8 @@ class BenchmarkConfig:
                                                                   "densenet121,resnet50,vgg16)")
     embed_actors: int = option(0, help="actors of the embed suite's Ray side (0: what jobs.evaluate picks, one per "
                                        "GPU, else one single-threaded actor per core)")
-    image_size: int | None = option(None, help="image side of the inputs suite's augmentation and of the embed "
-                                                "suite's networks (default: the stored size)")
+    image_size: int | None = option(None, help="image side of the inputs and train suites' augmentation and of the "
+                                                "embed suite's networks (default: the stored size)")
     serve_run: str = option("", help="evaluated RUN the serve suite queries (default: a synthetic run, an "
                                      "untrained --backbone over a --serve-gallery rows index)")
     serve_gallery: int = option(50_000, help="rows of the serve suite's synthetic gallery index")

@@ -1,14 +1,17 @@
 """The train suite: training images/s of ``jobs.train``'s path (:func:`onray.trainer.train_backbones`: Ray Data
-streaming augmented batches into one Ray Train worker) against a plain PyTorch loop over the same images
-held in memory as a uint8 tensor.
+feeding one Ray Train worker) against a plain PyTorch loop over the same images held in memory.
 
-Same model, triplet objective, optimiser, P x K batches, augmentation (applied inline, batch by batch:
-about 3 ms per 128 images at 32 px, under 1 % of a ResNet50 step), torch threads and step function
-(:func:`lib.training.train_epoch`, which the Ray Train worker runs too), on the quick preset's training
-subset (500 images per class). A third side runs the plain loop inside a Ray Train worker (same tensors,
-no Ray Data): it separates what the worker process costs from what streaming the data beside it costs.
-Each Ray-side run is compared with the plain runs just before and after it (this machine's speed
-drifts); rates exclude each run's first epoch.
+Same model, triplet objective, optimiser, P x K batches, precision, device and step function
+(:func:`lib.training.train_epoch`, which the Ray Train worker runs too), on a class-balanced training subset
+(the quick preset's 500 images per class by default). The plain loop is the worker's default path without
+Ray: the stored uint8 images sit on the training device, P x K batches are chosen by index
+(:func:`lib.batching.epoch_batches`) and augmented there (:func:`lib.training.augmented_batches`).
+
+The Ray sides: ``ray`` is jobs.train as it runs by default (``--augment-on device``), ``ray_data`` is
+jobs.train with ``--augment-on data`` (Ray Data map tasks augment on CPUs), ``worker`` the plain loop inside a
+Ray Train worker (no Ray Data: what the worker process alone costs). On a GPU the suite runs on it and samples
+the GPU's utilisation (pynvml, else ``nvidia-smi``) while each side trains. This machine's speed drifts, so each
+Ray-side run is compared with the plain runs just before and after it; rates exclude each run's first epoch.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import shutil
 import statistics
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -28,53 +34,66 @@ from lib.devices import available_cpus
 from lib.paths import RunPaths
 from onray.runtime import init_ray
 
-TRAIN_ROUNDS = 2  # a round of the train suite trains twice and runs the plain loop twice: about 6 minutes here
+TRAIN_ROUNDS = 2  # a round trains through Ray three times and runs the plain loop three times: ~9 minutes on 2 cores
+RAY_SIDES = ("ray", "ray_data", "worker")
 
 
-def plain_training_epochs(cfg: BenchmarkConfig, train_cfg, images, labels, epochs: int, bf16: bool) -> list[float]:
+def plain_training_epochs(cfg: BenchmarkConfig, train_cfg, images, labels, epochs: int, bf16: bool,
+                          device: str = "cpu") -> list[float]:
     """Images/s of each epoch of a plain PyTorch triplet training loop over in-memory (N, H, W, 3) uint8
-    ``images``, augmented batch by batch as jobs.train's input pipeline does (in bf16 when ``bf16``,
-    as jobs.train's CPU worker runs), each epoch one :func:`lib.training.train_epoch` on the CPU."""
+    ``images`` on ``device``: P x K batches by index, augmented on the device (what jobs.train's worker does by
+    default), each epoch one :func:`lib.training.train_epoch` (in bf16 when ``bf16``)."""
     import torch
 
-    from lib.augment import AugmentSettings, augment_batch
+    from lib.augment import AugmentSettings, fresh_generator
     from lib.backbones import build_model
-    from lib.batching import balanced_batches
+    from lib.batching import epoch_batches, planned_steps
     from lib.losses import TripletObjective
     from lib.precision import prepare_for_bf16
-    from lib.training import EPOCH_TOTALS, make_optimizer, train_epoch
+    from lib.training import EPOCH_TOTALS, augmented_batches, make_optimizer, train_epoch
 
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the worker sets it
     torch.manual_seed(train_cfg.seed)
     model = prepare_for_bf16(build_model(train_cfg.backbone, train_cfg.weights, train_cfg.embedding_dim), bf16)
-    optimizer, scheduler = make_optimizer(model, train_cfg, max(1, len(labels) // cfg.batch_size))
+    model = model.to(device)
+    classes = int(labels.max()) + 1
+    samples_per_class = max(train_cfg.samples_per_class, -(-cfg.batch_size // classes))
+    steps = planned_steps(len(labels), classes, cfg.batch_size, samples_per_class)
+    optimizer, scheduler = make_optimizer(model, train_cfg, steps)
     objective = TripletObjective(train_cfg.margin, train_cfg.miner)
     settings = AugmentSettings(image_size=train_cfg.image_size)
-    device = torch.device("cpu")
+    on_device_images, on_device_labels = images.to(device), labels.to(device)
     rates = []
     for epoch in range(epochs):
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(epoch))
-        stream = ({"image": augment_batch(images[order[i:i + cfg.batch_size]], settings),
-                   "label": labels[order[i:i + cfg.batch_size]]} for i in range(0, len(order), cfg.batch_size))
-        batches = balanced_batches(stream, cfg.batch_size, train_cfg.samples_per_class, seed=epoch)
         started = time.perf_counter()
-        totals = train_epoch(model, batches, objective, optimizer, scheduler, device, bf16)
-        rates.append(totals[EPOCH_TOTALS.index("images")] / (time.perf_counter() - started))
+        index = epoch_batches(labels, cfg.batch_size, samples_per_class, seed=epoch)[:steps]
+        batches = augmented_batches(on_device_images, on_device_labels, index, settings,
+                                    fresh_generator(epoch, device))
+        totals = train_epoch(model, batches, objective, optimizer, scheduler, device, bf16)  # reads once: synced
+        rates.append(float(totals[EPOCH_TOTALS.index("images")]) / (time.perf_counter() - started))
         log(f"train suite: plain loop epoch {epoch + 1}/{epochs}: {rates[-1]:.1f} images/s")
     return rates
 
 
 def _plain_loop_in_worker(config: dict) -> list[float]:
-    """Ray Train worker loop of the train suite's third side: the plain loop on the driver's tensors."""
+    """Ray Train worker loop of the train suite's ``worker`` side: the plain loop on the driver's tensors."""
     import ray
+    import ray.train.torch
     import torch
 
-    torch.set_num_threads(config["threads"])  # as jobs.train sets its CPU worker
+    device = ray.train.torch.get_device()
+    if device.type != "cuda":
+        torch.set_num_threads(config["threads"])  # as jobs.train sets its CPU worker
     images, labels = ray.get(config["tensors"])
-    return plain_training_epochs(config["cfg"], config["train_cfg"], images, labels, config["epochs"], config["bf16"])
+    return plain_training_epochs(config["cfg"], config["train_cfg"], images, labels, config["epochs"], config["bf16"],
+                                 str(device))
 
 
-def plain_loop_in_ray_train(cfg: BenchmarkConfig, train_cfg, images, labels, threads: int, bf16: bool) -> list[float]:
-    """Images/s per epoch of :func:`plain_training_epochs` run by one Ray Train CPU worker (as jobs.train's)."""
+def plain_loop_in_ray_train(cfg: BenchmarkConfig, train_cfg, images, labels, threads: int, bf16: bool,
+                            use_gpu: bool) -> list[float]:
+    """Images/s per epoch of :func:`plain_training_epochs` run by one Ray Train worker (as jobs.train's)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -83,9 +102,63 @@ def plain_loop_in_ray_train(cfg: BenchmarkConfig, train_cfg, images, labels, thr
         _plain_loop_in_worker,
         train_loop_config={"cfg": cfg, "train_cfg": train_cfg, "tensors": [ray.put(images), ray.put(labels)],
                            "epochs": cfg.epochs, "threads": threads, "bf16": bf16},
-        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(name="plain-loop-in-worker", storage_path=str(Path(train_cfg.run_dir).absolute())))
     return trainer.fit().return_value
+
+
+class GpuUtilisation:
+    """Samples the GPUs' utilisation (%) every ``every_s`` in a thread while in a ``with`` block: pynvml when it is
+    installed, else ``nvidia-smi``; ``samples`` stays empty where neither works (no GPU)."""
+
+    def __init__(self, every_s: float = 0.5):
+        self.every_s, self.samples = every_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def reader():
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            return lambda: [float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu) for h in handles]
+        except Exception:  # noqa: BLE001 - no pynvml or no driver: try nvidia-smi
+            pass
+        if shutil.which("nvidia-smi") is None:
+            return None
+
+        def smi() -> list[float]:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout
+            return [float(line) for line in out.split()]
+        try:
+            smi()
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return None
+        return smi
+
+    def _sample(self) -> None:
+        read = self.reader()
+        while read is not None and not self._stop.wait(self.every_s):
+            try:
+                self.samples.append(statistics.mean(read()))
+            except Exception:  # noqa: BLE001 - a failed read ends sampling, never the benchmark
+                return
+
+    def __enter__(self) -> GpuUtilisation:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return round(statistics.mean(self.samples), 1) if self.samples else None
 
 
 def run(cfg: BenchmarkConfig, work: Path) -> dict:
@@ -97,9 +170,11 @@ def run(cfg: BenchmarkConfig, work: Path) -> dict:
 
     data = prepared(cfg, work)
     per_class = max(1, cfg.train_images // len(data.classes))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     train_cfg = TrainConfig(data_dir=str(data.root), run_dir=str(work / "train-suite"), backbones=(cfg.backbone,),
                             preset="quick", epochs=cfg.epochs, batch_size=cfg.batch_size, train_per_class=per_class,
-                            val_per_class=10, patience=0, num_workers=1, use_gpu="false").resolve()
+                            val_per_class=10, patience=0, num_workers=1, image_size=cfg.image_size,
+                            use_gpu="true" if device == "cuda" else "false").resolve()
     split = data.read_split("train")
     keep = set(per_class_subset(split.ids, split.labels, per_class, train_cfg.seed).tolist())
     rows = np.asarray([str(i) in keep for i in split.ids])
@@ -107,33 +182,53 @@ def run(cfg: BenchmarkConfig, work: Path) -> dict:
     labels = torch.from_numpy(split.labels[rows].astype(np.int64))
     threads = available_cpus()
     torch.set_num_threads(threads)  # what jobs.train gives its single CPU worker
-    bf16 = uses_bf16(train_cfg.precision, "cpu")  # the precision jobs.train's CPU worker runs in
+    bf16 = uses_bf16(train_cfg.precision, device)  # the precision jobs.train's worker runs in
     precision = "bf16" if bf16 else "fp32"
-    log(f"train suite: {cfg.backbone}, {len(labels)} images, batch {cfg.batch_size}, {threads} torch threads, "
-        f"{precision}")
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
+    log(f"train suite: {cfg.backbone}, {len(labels)} images at {train_cfg.image_size} px, batch {cfg.batch_size}, "
+        f"{gpu or f'CPU, {threads} torch threads'}, {precision}")
     init_ray()
+    utilisation: dict[str, list[float]] = {side: [] for side in ("plain", *RAY_SIDES)}
+    peak_gb: list[float] = []
+
+    def sampled(side: str, measure):
+        with GpuUtilisation() as sampler:
+            value = measure()
+        if sampler.mean is not None:
+            utilisation[side].append(sampler.mean)
+        return value
 
     def plain_side() -> list[float]:
-        return plain_training_epochs(cfg, train_cfg, images, labels, cfg.epochs, bf16)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        rates = sampled("plain", lambda: plain_training_epochs(cfg, train_cfg, images, labels, cfg.epochs, bf16,
+                                                               device))
+        if device == "cuda":
+            peak_gb.append(round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
+            torch.cuda.empty_cache()  # the Ray worker needs the memory next
+        return rates
 
-    def ray_side(round_: int) -> list[float]:
-        run_cfg = dataclasses.replace(train_cfg, run_dir=str(work / f"train-suite-{round_}"))  # a fresh run
+    def ray_side(augment_on: str, round_: int) -> list[float]:
+        run_cfg = dataclasses.replace(train_cfg, run_dir=str(work / f"train-suite-{augment_on}-{round_}"),
+                                      augment_on=augment_on)  # a fresh run
         train_backbones(run_cfg)
         metrics = RunPaths.of(run_cfg.run_dir).model(cfg.backbone) / "metrics.jsonl"
         return [row["images_per_s"] for row in map(json.loads, metrics.read_text().splitlines()) if row["epoch"] >= 1]
 
     def worker_side() -> list[float]:
         log("train suite: the plain loop inside a Ray Train worker (no Ray Data) ...")
-        return plain_loop_in_ray_train(cfg, train_cfg, images, labels, threads, bf16)
+        return plain_loop_in_ray_train(cfg, train_cfg, images, labels, threads, bf16, device == "cuda")
 
     # This machine's speed drifts by more than the gap being measured, so every Ray-side run is compared
-    # with the plain runs just before and after it: plain, Ray, plain, worker, plain, Ray, plain, ...
+    # with the plain runs just before and after it: plain, ray, plain, ray_data, plain, worker, plain, ...
     # (whole training runs, not single calls: hence not benchmarks.common.interleave)
-    runs: dict[str, list[list[float]]] = {"plain": [plain_side()], "ray": [], "worker": []}
-    ratios: dict[str, list[float]] = {"ray": [], "worker": []}
+    measures = {"ray": lambda r: ray_side("device", r), "ray_data": lambda r: ray_side("data", r),
+                "worker": lambda r: worker_side()}
+    runs: dict[str, list[list[float]]] = {"plain": [plain_side()], **{side: [] for side in RAY_SIDES}}
+    ratios: dict[str, list[float]] = {side: [] for side in RAY_SIDES}
     for round_ in range(min(cfg.rounds, TRAIN_ROUNDS)):
-        for side, measure in (("ray", functools.partial(ray_side, round_)), ("worker", worker_side)):
-            runs[side].append(measure())
+        for side in RAY_SIDES:
+            runs[side].append(sampled(side, functools.partial(measures[side], round_)))
             runs["plain"].append(plain_side())
             around = statistics.mean(statistics.median(rates[1:]) for rates in runs["plain"][-2:])
             ratios[side].append(statistics.median(runs[side][-1][1:]) / around)
@@ -142,18 +237,30 @@ def run(cfg: BenchmarkConfig, work: Path) -> dict:
         return round(statistics.median(r for rates in runs[side] for r in rates[1:]), 1)
 
     return {
-        "backbone": cfg.backbone, "images": len(labels), "batch_size": cfg.batch_size, "torch_threads": threads,
-        "precision": precision,
+        "backbone": cfg.backbone, "images": len(labels), "image_size": train_cfg.image_size,
+        "batch_size": cfg.batch_size, "device": gpu or "CPU", "torch_threads": threads, "precision": precision,
         **{f"{side}_images_per_s": [[round(r, 1) for r in rates] for rates in runs[side]] for side in runs},
-        "plain_median": median_of("plain"), "ray_median": median_of("ray"), "worker_median": median_of("worker"),
-        "ratios": [round(r, 3) for r in ratios["ray"]], "ratio": round(statistics.median(ratios["ray"]), 2),
-        "worker_ratios": [round(r, 3) for r in ratios["worker"]],
+        **{f"{side}_median": median_of(side) for side in runs},
+        "ratios": [round(float(r), 3) for r in ratios["ray"]], "ratio": round(statistics.median(ratios["ray"]), 2),
+        "ray_data_ratios": [round(float(r), 3) for r in ratios["ray_data"]],
+        "ratio_ray_data": round(statistics.median(ratios["ray_data"]), 2),
+        "worker_ratios": [round(float(r), 3) for r in ratios["worker"]],
         "ratio_worker_alone": round(statistics.median(ratios["worker"]), 2),
+        # each side against the plain runs beside it, so the machine's drift between the two sides cancels
+        "ratio_device_over_ray_data_augmentation": round(statistics.median(ratios["ray"])
+                                                         / statistics.median(ratios["ray_data"]), 2),
+        "gpu_utilisation_percent": {side: values for side, values in utilisation.items() if values} or None,
+        "plain_peak_gpu_memory_gb": max(peak_gb) if peak_gb else None,
     }
 
 
 def summary(r: dict) -> str:
-    return (f"{r['backbone']} {r['ray_median']} images/s through Ray Data + Ray Train vs plain PyTorch "
-            f"loop on in-memory tensors {r['plain_median']} images/s ({r['torch_threads']} threads, "
-            f"{r['precision']}) -> {r['ratio']}x (rounds {r['ratios']}); the plain loop inside a Ray "
-            f"Train worker {r['worker_median']} images/s -> {r['ratio_worker_alone']}x")
+    line = (f"{r['backbone']} at {r['image_size']} px on {r['device']} ({r['precision']}): jobs.train "
+            f"{r['ray_median']} images/s vs plain PyTorch loop {r['plain_median']} -> {r['ratio']}x (rounds "
+            f"{r['ratios']}); with Ray Data augmenting on CPUs {r['ray_data_median']} -> {r['ratio_ray_data']}x "
+            f"(device / Ray Data augmentation {r['ratio_device_over_ray_data_augmentation']}x); the plain loop in a "
+            f"Ray Train worker {r['worker_median']} -> {r['ratio_worker_alone']}x")
+    if r.get("gpu_utilisation_percent"):
+        line += "; GPU utilisation % " + ", ".join(f"{side} {statistics.mean(v):.0f}"
+                                                  for side, v in r["gpu_utilisation_percent"].items())
+    return line

@@ -28,7 +28,7 @@ from lib.losses import Miner
 from lib.paths import RunPaths
 from lib.precision import PRECISION_HELP, Precision
 from lib.prepare import PrepareConfig
-from lib.training import Preset, TrainConfig
+from lib.training import AUGMENT_ON_HELP, AugmentOn, Preset, TrainConfig
 from onray.evaluate import evaluate_run
 from onray.prepare import prepare_data
 from onray.runtime import check_cluster_paths, init_ray
@@ -37,7 +37,7 @@ from onray.trainer import BackboneFailed, train_backbones
 DEFAULT_BACKBONES = ("densenet121", "resnet50", "vgg16")
 # Training settings the pipeline passes through to jobs.train (None: the preset's value).
 TRAIN_OVERRIDES = ("image_size", "embedding_dim", "epochs", "batch_size", "lr", "margin", "miner",
-                   "train_per_class", "val_per_class", "patience", "precision")
+                   "train_per_class", "val_per_class", "patience", "precision", "augment_on", "gpus_per_worker")
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ class PipelineConfig:
     val_per_class: int | None = option(None, help="val images per class for the per-epoch mAP@5 (0 = all)")
     patience: int | None = option(None, help="early stopping patience in epochs (0 = never)")
     precision: Precision = option("auto", help=PRECISION_HELP)
+    augment_on: AugmentOn = option("device", help=AUGMENT_ON_HELP)
+    gpus_per_worker: str = option("auto", help="GPU share of each training worker (jobs.train --gpus-per-worker)")
 
     def prepare_config(self) -> PrepareConfig:
         return PrepareConfig(source=self.source, data_dir=str(RunPaths.of(self.run_dir).data), seed=self.seed,

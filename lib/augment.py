@@ -3,7 +3,8 @@
 One random affine warp per image does the whole geometric augmentation in a single
 ``grid_sample`` over the batch: random resized crop (zoom), shift, rotation (up to 20 degrees),
 horizontal flip and, when ``image_size`` differs from the stored size, the resize. It runs the same
-inside a Ray Data ``map_batches`` task, a PyTorch ``DataLoader`` worker, or on a GPU.
+inside a Ray Data ``map_batches`` task, a PyTorch ``DataLoader`` worker, or on the training device (a Ray
+Train worker's GPU or CPU, on tensors already there: ``jobs.train --augment-on device``, the default).
 
 Inputs are stored images, (N, H, W, 3) uint8; outputs are (N, 3, S, S) uint8, and the consumer
 applies :func:`normalize` on its device, so pipelines move a quarter of the bytes of float32.
@@ -50,13 +51,14 @@ class AugmentSettings:
             raise ValueError(f"min_zoom must be in (0, 1], got {self.min_zoom}")
 
 
-def fresh_generator(seed: int | None = None) -> torch.Generator:
-    """A generator seeded from ``seed`` or, when None, from the OS.
+def fresh_generator(seed: int | None = None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded from ``seed`` or, when None, from the OS.
 
     Forked and spawned workers would otherwise share torch's fixed default seed and draw the same
-    "random" augmentations.
+    "random" augmentations. A generator on the images' device draws the warp parameters there, so
+    augmenting on a GPU needs no host round trip.
     """
-    generator = torch.Generator()
+    generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
     return generator
 
@@ -107,27 +109,32 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def resize_batch(images: torch.Tensor | np.ndarray, image_size: int | None = None) -> torch.Tensor:
-    """Evaluation transform: (N, H, W, 3) uint8 -> (N, 3, S, S) uint8, resized when ``image_size`` is set."""
-    if image_size is None or tuple(np.shape(images)[1:3]) == (image_size, image_size):
-        return as_tensor(images).permute(0, 3, 1, 2).contiguous()
+    """Evaluation transform: (N, H, W, 3) uint8 -> (N, 3, S, S) uint8, resized when ``image_size`` is set,
+    on the images' device."""
+    images = as_tensor(images)
+    if image_size is None or tuple(images.shape[1:3]) == (image_size, image_size):
+        return images.permute(0, 3, 1, 2).contiguous()
     return to_uint8(_resize(to_float_nchw(images), image_size))
 
 
 def random_affine_params(n: int, settings: AugmentSettings, generator: torch.Generator) -> torch.Tensor:
-    """(N, 2, 3) affine matrices in ``affine_grid``'s normalised coordinates (output -> input)."""
+    """(N, 2, 3) affine matrices in ``affine_grid``'s normalised coordinates (output -> input), on the
+    generator's device."""
+    device = generator.device
+
     def uniform(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(n, generator=generator)
+        return low + (high - low) * torch.rand(n, generator=generator, device=device)
 
     zoom = uniform(settings.min_zoom, 1.0)  # < 1 samples a smaller window: a zoomed-in crop
     angle = uniform(-1.0, 1.0) * math.radians(settings.max_rotation_degrees)
     # Coordinates span [-1, 1], so a shift of a fraction f of the side is 2f in these units.
     shift_x = uniform(-1.0, 1.0) * 2 * settings.max_shift
     shift_y = uniform(-1.0, 1.0) * 2 * settings.max_shift
-    flip = torch.ones(n)
+    flip = torch.ones(n, device=device)
     if settings.horizontal_flip:
-        flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+        flip = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -1.0, 1.0)
     cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
-    theta = torch.empty(n, 2, 3)
+    theta = torch.empty(n, 2, 3, device=device)
     theta[:, 0, 0] = cos * flip
     theta[:, 0, 1] = -sin
     theta[:, 0, 2] = shift_x
@@ -143,18 +150,21 @@ def augment_batch(images: torch.Tensor | np.ndarray, settings: AugmentSettings =
 
     Every call draws new parameters (a fresh OS-seeded generator unless one is given), so each
     epoch sees new views. Pixels warped in from outside the image are filled by reflection.
-    Large inputs (a whole Ray Data block) are warped in chunks that stay in the CPU cache.
+    Runs on the images' device; ``generator`` must live there too (see :func:`fresh_generator`).
+    Large inputs on the CPU (a whole Ray Data block) are warped in chunks that stay in its cache; on a
+    GPU the batch is warped in one go.
     """
     images = as_tensor(images)
-    generator = generator or fresh_generator()
+    generator = generator or fresh_generator(device=images.device)
     size = settings.image_size or images.shape[2]
-    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
-    for start in range(0, len(images), CHUNK):
-        batch = to_float_nchw(images[start:start + CHUNK])
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=images.device)
+    chunk = CHUNK if images.device.type == "cpu" else max(1, len(images))
+    for start in range(0, len(images), chunk):
+        batch = to_float_nchw(images[start:start + chunk])
         if size < max(batch.shape[-2:]):
             batch = _resize(batch, size)  # shrink with antialiasing first; the warp then samples 1:1
         theta = random_affine_params(len(batch), settings, generator)
         grid = F.affine_grid(theta, [len(batch), 3, size, size], align_corners=False)
         warped = F.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        out[start:start + CHUNK] = to_uint8(warped)
+        out[start:start + chunk] = to_uint8(warped)
     return out

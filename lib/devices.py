@@ -29,6 +29,19 @@ def resolve_use_gpu(use_gpu: str | bool, gpus: int, where: str, hint: str = "") 
     return gpus > 0
 
 
+def gpu_share(gpus_per_worker: str) -> float | None:
+    """``--gpus-per-worker``: None for ``auto``, else the number, which must lie in (0, 1]."""
+    if str(gpus_per_worker).lower() == "auto":
+        return None
+    try:
+        share = float(gpus_per_worker)
+    except ValueError:
+        share = -1.0
+    if not 0.0 < share <= 1.0:
+        raise UserError(f"--gpus-per-worker must be auto or a number in (0, 1], got {gpus_per_worker!r}")
+    return share
+
+
 def cgroup_cpu_limit(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
     """The CPU quota of this process's cgroup in CPUs (``quota / period``), or None when unlimited or unknown.
 

@@ -23,33 +23,47 @@ COLLAPSE_SPREAD = 0.05
 @dataclass
 class TripletStats:
     """Per-batch diagnostics: ``triplets`` mined, ``active`` with positive loss, out of ``valid``
-    (a, p, n) label-valid triplets in the batch; ``spread`` = mean pairwise distance of embeddings."""
+    (a, p, n) label-valid triplets in the batch; ``spread`` = mean pairwise distance of embeddings.
+
+    ``active``, ``valid`` and ``spread`` are 0-d tensors on the embeddings' device, so a training loop can sum
+    them over an epoch and read them once (reading one is a host sync: on a GPU it waits for the step)."""
 
     triplets: int
-    active: int
-    valid: int
-    spread: float
+    active: torch.Tensor
+    valid: torch.Tensor
+    spread: torch.Tensor
 
     @property
     def active_fraction(self) -> float:
-        return self.active / self.valid if self.valid else 0.0
+        return float(self.active) / float(self.valid) if float(self.valid) else 0.0
+
+
+def valid_triplets(labels: torch.Tensor) -> torch.Tensor:
+    """Number of (anchor, positive, negative) index triples with label[a] == label[p] != label[n], a != p, as a
+    0-d int64 tensor on the labels' device: each row has (same - 1) positives and (N - same) negatives."""
+    same = (labels[:, None] == labels[None, :]).sum(dim=1)
+    return ((same - 1) * (len(labels) - same)).sum()
 
 
 def count_valid_triplets(labels: torch.Tensor) -> int:
-    """Number of (anchor, positive, negative) index triples with label[a] == label[p] != label[n], a != p."""
-    _, counts = torch.unique(labels, return_counts=True)
-    counts = counts.long()
-    return int((counts * (counts - 1) * (len(labels) - counts)).sum())
+    """:func:`valid_triplets` as a Python int."""
+    return int(valid_triplets(labels))
+
+
+def pairwise_spread(embeddings: torch.Tensor) -> torch.Tensor:
+    """Mean Euclidean distance over distinct pairs of rows of (N, D) ``embeddings``: a 0-d float32 tensor on
+    their device (0 for fewer than two rows)."""
+    n = len(embeddings)
+    if n < 2:
+        return torch.zeros((), device=embeddings.device)
+    with torch.no_grad():
+        dist = torch.cdist(embeddings.float(), embeddings.float())
+        return dist.sum() / (n * (n - 1))
 
 
 def mean_pairwise_distance(embeddings: torch.Tensor) -> float:
-    """Mean Euclidean distance over distinct pairs of rows of (N, D) ``embeddings``."""
-    n = len(embeddings)
-    if n < 2:
-        return 0.0
-    with torch.no_grad():
-        dist = torch.cdist(embeddings.float(), embeddings.float())
-        return float(dist.sum() / (n * (n - 1)))
+    """:func:`pairwise_spread` as a Python float."""
+    return float(pairwise_spread(embeddings))
 
 
 class TripletObjective:
@@ -67,7 +81,11 @@ class TripletObjective:
                                              reducer=reducers.DoNothingReducer())
 
     def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, TripletStats]:
-        """(N, D) embeddings and (N,) labels -> (scalar loss with grad, stats)."""
+        """(N, D) embeddings and (N,) labels -> (scalar loss with grad, stats).
+
+        The loss is the mean over active triplets, computed without reading their count on the host (the
+        miner's index tuples are the one wait a step has here: pytorch-metric-learning builds them with
+        ``torch.where``)."""
         embeddings = embeddings.float()
         with torch.no_grad():
             triplets = self.miner(embeddings, labels)
@@ -75,11 +93,12 @@ class TripletObjective:
         if not torch.is_tensor(per_triplet) or per_triplet.numel() == 0:
             # no triplets: a zero that still belongs to the graph, so every DDP rank runs backward
             loss = embeddings.sum() * 0.0
-            active = 0
+            active = torch.zeros((), dtype=torch.int64, device=embeddings.device)
         else:
             positive = per_triplet > 0
-            active = int(positive.sum())
-            loss = per_triplet[positive].mean() if active else per_triplet.sum() * 0.0
-        stats = TripletStats(triplets=len(triplets[0]), active=active, valid=count_valid_triplets(labels),
-                             spread=mean_pairwise_distance(embeddings.detach()))
+            active = positive.sum()
+            # the mean over active triplets; with none, a zero that keeps the graph
+            loss = torch.where(positive, per_triplet, 0.0).sum() / active.clamp(min=1)
+        stats = TripletStats(triplets=len(triplets[0]), active=active, valid=valid_triplets(labels),
+                             spread=pairwise_spread(embeddings.detach()))
         return loss, stats

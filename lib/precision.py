@@ -1,7 +1,8 @@
 """Numeric precision of forward passes: bf16 autocast + channels-last where the hardware runs bf16 natively.
 
-``auto`` picks bf16 on GPUs that support it and on CPUs with bf16 matrix instructions (Intel AMX-BF16
-or AVX512-BF16), where oneDNN's bf16 convolutions measured 1.5-3x the float32 images/s for the three
+``auto`` picks bf16 on GPUs that run it natively (compute capability 8.0 and up: A100, H100/H200, L4,
+RTX 30xx and later; a T4 or V100 would emulate it slowly, so they run float32) and on CPUs with bf16 matrix
+instructions (Intel AMX-BF16 or AVX512-BF16), where oneDNN's bf16 convolutions measured 1.5-3x the float32 images/s for the three
 backbones at 32 px (README "Results"); everywhere else float32. Weights, optimiser state and the loss
 stay float32 (autocast), and embeddings leave the model as float32.
 """
@@ -16,7 +17,10 @@ import torch
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-PRECISION_HELP = "auto: bf16 autocast + channels-last on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32"
+PRECISION_HELP = ("auto: bf16 autocast + channels-last on GPUs with native bf16 (compute capability >= 8.0) and "
+                  "on CPUs with native bf16 (AMX/AVX512-BF16), else fp32")
+# The first NVIDIA architecture with bf16 tensor cores (Ampere); older GPUs emulate bf16.
+NATIVE_BF16_CAPABILITY = (8, 0)
 
 
 @functools.cache
@@ -33,6 +37,18 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def gpu_has_native_bf16(capability: tuple[int, int]) -> bool:
+    """Whether a CUDA GPU of compute ``capability`` (major, minor) runs bf16 in hardware (8.0 and up)."""
+    return tuple(capability) >= NATIVE_BF16_CAPABILITY
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability of CUDA ``device``, or None when CUDA is not usable."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
 def uses_bf16(precision: str, device: torch.device | str) -> bool:
     """Whether forward passes on ``device`` run under bf16 autocast for ``precision`` (auto|fp32|bf16)."""
     if precision not in PRECISIONS:
@@ -41,7 +57,8 @@ def uses_bf16(precision: str, device: torch.device | str) -> bool:
         return precision == "bf16"
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        capability = cuda_capability(device)
+        return capability is not None and gpu_has_native_bf16(capability)
     return device.type == "cpu" and cpu_has_native_bf16()
 
 

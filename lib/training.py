@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,15 +18,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lib.augment import normalize
+from lib.augment import AugmentSettings, augment_batch, normalize
 from lib.backbones import check_backbones
 from lib.config import check_ranges, from_dict, option
-from lib.devices import USE_GPU_HELP, UseGpu
+from lib.devices import USE_GPU_HELP, UseGpu, gpu_share
 from lib.errors import UserError
 from lib.losses import Miner, TripletObjective
 from lib.precision import PRECISION_HELP, Precision, forward
 
 Preset = Literal["smoke", "quick", "full"]
+AugmentOn = Literal["device", "data"]
+AUGMENT_ON_HELP = ("device: Ray Data carries the stored images and the train worker augments and resizes them on its "
+                   "GPU or CPU; data: Ray Data map tasks augment and resize on CPUs")
 
 # Defaults per preset. quick and smoke train from scratch on CPUs; full fine-tunes ImageNet weights on GPUs.
 # quick's miner and learning rate were chosen by measurement (from scratch at 32 px,
@@ -70,6 +73,9 @@ class TrainConfig:
     num_workers: int | None = option(None, help="Ray Train workers per backbone (default: 1, or GPUs/backbones)")
     use_gpu: UseGpu = option("auto", help=USE_GPU_HELP)
     precision: Precision = option("auto", help=PRECISION_HELP)
+    augment_on: AugmentOn = option("device", help=AUGMENT_ON_HELP)
+    gpus_per_worker: str = option("auto", help="GPU share of each worker: auto (GPUs / backbones when that is below 1, "
+                                               "so several backbones train on one GPU) or a number in (0, 1]")
     image_size: int | None = option(None, help="input side in pixels: 32 native, 128/224 for ImageNet weights")
     embedding_dim: int | None = option(None, help="embedding size D")
     epochs: int | None = option(None, help="maximum epochs")
@@ -104,6 +110,7 @@ class TrainConfig:
             raise UserError(f"--inject-failure must look like BACKBONE:EPOCH, got {self.inject_failure!r}")
         if self.samples_per_class is not None and self.samples_per_class < 2:
             raise UserError(f"--samples-per-class must be at least 2, got {self.samples_per_class}")
+        gpu_share(self.gpus_per_worker)  # auto or a number in (0, 1]
 
     def resolve(self) -> TrainConfig:
         """This config with every ``None`` replaced from the preset and ``--hparams`` applied.
@@ -185,25 +192,40 @@ EPOCH_TOTALS = ("loss_sum", "steps", "images", "active", "valid", "spread_sum")
 def train_epoch(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], objective: TripletObjective,
                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                 device: torch.device, bf16: bool,
-                on_step: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+                on_step: Callable[[int, torch.Tensor], None] | None = None) -> np.ndarray:
     """One training pass over ``batches`` of ``{"image": (B, 3, S, S) uint8, "label": (B,)}``; returns the
     totals named by :data:`EPOCH_TOTALS`. The Ray Train worker and the plain-PyTorch benchmark both run it.
 
-    Images are normalised on ``device``; ``on_step(step, totals)`` is called after every step.
+    Images are normalised on ``device``. The totals stay a float64 tensor on ``device`` until the epoch ends and
+    are read once, so a step never waits for the GPU to report its loss. ``on_step(step, totals)`` is called
+    after every step with that tensor: reading it (``float(totals[0])``) waits for the GPU, so read it rarely.
     """
     model.train()
-    totals = np.zeros(len(EPOCH_TOTALS))
+    totals = torch.zeros(len(EPOCH_TOTALS), dtype=torch.float64, device=device)
+    one = torch.ones((), dtype=torch.float64, device=device)
     for step, batch in enumerate(batches, start=1):
         images = normalize(batch["image"].to(device, non_blocking=True))
-        loss, stats = objective(forward(model, images, bf16), batch["label"].to(device))
+        loss, stats = objective(forward(model, images, bf16), batch["label"].to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        totals += [loss.item(), 1, len(images), stats.active, stats.valid, stats.spread]
+        totals += torch.stack([loss.detach().double(), one, one * len(images), stats.active.double(),
+                               stats.valid.double(), stats.spread.double()])
         if on_step is not None:
             on_step(step, totals)
-    return totals
+    return totals.cpu().numpy()
+
+
+def augmented_batches(images: torch.Tensor, labels: torch.Tensor, batch_index: np.ndarray | torch.Tensor,
+                      settings: AugmentSettings, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of one epoch on the training device: ``batch_index`` (steps, B) rows of the stored (N, H, W, 3)
+    uint8 ``images`` and (N,) ``labels`` (from :func:`lib.batching.epoch_batches`), each gathered and augmented
+    (resize included) where the images are: ``{"image": (B, 3, S, S) uint8, "label": (B,)}``."""
+    index = torch.as_tensor(batch_index, dtype=torch.long).to(images.device, non_blocking=True)
+    for rows in index:
+        yield {"image": augment_batch(images.index_select(0, rows), settings, generator),
+               "label": labels.index_select(0, rows)}
 
 
 def per_class_subset(ids: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:

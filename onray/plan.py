@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.console import log
-from lib.devices import available_cpus, resolve_use_gpu
+from lib.devices import available_cpus, gpu_share, resolve_use_gpu
 from lib.errors import UserError
 
 # CPUs left for Ray Data's read and augmentation tasks beside each trainer's workers.
@@ -33,11 +33,23 @@ BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 
 @dataclass(frozen=True)
 class TrainPlan:
-    """Workers per backbone, on GPUs or not, and how many backbones (or trials) train at once."""
+    """Workers per backbone, on GPUs or not, how many backbones (or trials) train at once and each worker's
+    share of a GPU. ``workers`` lists each backbone's workers (in ``--backbones`` order) when spare GPUs
+    made them differ; ``num_workers`` is then the most any backbone has."""
 
     num_workers: int
     use_gpu: bool
     concurrent: int
+    gpus_per_worker: float = 1.0
+    workers: tuple[int, ...] = ()
+
+    def workers_of(self, backbone_index: int) -> int:
+        return self.workers[backbone_index] if self.workers else self.num_workers
+
+    def gpus_needed(self, backbones: int) -> int:
+        """Whole GPUs the first :attr:`concurrent` of ``backbones`` backbones occupy at once."""
+        workers = sum(self.workers_of(i) for i in range(min(self.concurrent, backbones)))
+        return math.ceil(workers * self.gpus_per_worker - 1e-9) if self.use_gpu else 0
 
 
 def cluster_cpus_gpus() -> tuple[int, int]:
@@ -127,19 +139,73 @@ def ensure_gpus(needed: int, timeout_s: float = GPU_WAIT_S, poll_s: float = 2.0)
     return have
 
 
-def plan_training(use_gpu: str, num_workers: int | None, backbones: int, cpus: int, gpus: int) -> TrainPlan:
-    """GPU use, workers per backbone (default: 1, or the GPUs split between the backbones) and how many
-    backbones fit at once, each with its workers and Ray Data's share of CPUs."""
+def spread_gpus(gpus_per_node: list[int], backbones: int) -> list[int]:
+    """Whole-GPU workers of each of ``backbones`` backbones when the GPUs are at least as many: each backbone goes
+    to the node with the most GPUs per backbone placed there (so its DDP workers can stay on one node), and each
+    node's GPUs are split between its backbones, the spare ones going to the first. Every GPU gets a worker."""
+    placed: list[list[int]] = [[] for _ in gpus_per_node]
+    for backbone in range(backbones):
+        node = max(range(len(gpus_per_node)), key=lambda n: (gpus_per_node[n] / (len(placed[n]) + 1), -n))
+        placed[node].append(backbone)
+    workers = [0] * backbones
+    for gpus, members in zip(gpus_per_node, placed, strict=True):
+        for position, backbone in enumerate(members):
+            workers[backbone] = gpus // len(members) + (position < gpus % len(members))
+    return workers
+
+
+def plan_training(use_gpu: str, num_workers: int | None, backbones: int, cpus: int, gpus: int,
+                  gpus_per_worker: str = "auto", gpus_per_node: list[int] | None = None) -> TrainPlan:
+    """GPU use, workers per backbone, each worker's GPU share and how many backbones fit at once, each with its
+    workers and Ray Data's share of CPUs.
+
+    On GPUs, ``gpus_per_worker="auto"`` and no ``num_workers``: with fewer GPUs than backbones each backbone gets
+    one worker with 1/n of a GPU, n = ceil(backbones / GPUs) (GPUs / backbones, rounded down to a share that packs
+    onto whole GPUs: two 2/3 shares do not fit on one), so all train at once; otherwise whole GPUs, every one used
+    (:func:`spread_gpus` over ``gpus_per_node``, one node of ``gpus`` when not given). A worker of a backbone with
+    several DDP workers never shares a GPU (NCCL cannot run two ranks on one device).
+    """
     on_gpu = resolve_use_gpu(use_gpu, gpus, "the Ray cluster")
-    workers = num_workers or (max(1, gpus // backbones) if on_gpu else 1)
-    if on_gpu and workers > gpus:
-        raise UserError(f"--num-workers {workers} needs {workers} GPUs; the cluster has {gpus}")
+    if not on_gpu:
+        workers = num_workers or 1
+        _check_cpus(workers, cpus)
+        return TrainPlan(workers, False, max(1, (cpus - DATA_CPUS) // workers))
+    share = gpu_share(gpus_per_worker)
+    if share is None:
+        share = 1.0 / math.ceil(backbones / gpus) if num_workers is None and gpus < backbones else 1.0
+    if share < 1.0 and (num_workers or 1) > 1:
+        raise UserError(f"--num-workers {num_workers} with --gpus-per-worker {gpus_per_worker}: the DDP workers of one "
+                        f"backbone cannot share a GPU; use --num-workers 1 or --gpus-per-worker 1")
+    nodes = list(gpus_per_node) if gpus_per_node and sum(gpus_per_node) == gpus else [gpus]
+    if num_workers:
+        workers = [num_workers] * backbones
+    elif share < 1.0 or gpus < backbones:
+        workers = [1] * backbones
+    else:
+        workers = spread_gpus(nodes, backbones)
+    slots = gpus * math.floor(1.0 / share + 1e-9)  # workers the GPUs hold at once
+    most = max(workers)
+    if most > slots:
+        raise UserError(f"--num-workers {most} needs {math.ceil(most * share - 1e-9)} GPUs; the cluster has {gpus}")
+    _check_cpus(most, cpus)
+    by_gpu = backbones if sum(workers) <= slots else slots // most
+    concurrent = max(1, min((cpus - DATA_CPUS) // most, by_gpu))
+    same = len(set(workers)) == 1
+    return TrainPlan(most, True, concurrent, share, () if same else tuple(workers))
+
+
+def _check_cpus(workers: int, cpus: int) -> None:
     if workers + DATA_CPUS > cpus:
         raise UserError(f"--num-workers {workers} needs {workers + DATA_CPUS} CPUs with Ray Data's share; "
                         f"the cluster has {cpus}")
-    by_cpu = max(1, (cpus - DATA_CPUS) // workers)
-    concurrent = min(by_cpu, gpus // workers) if on_gpu else by_cpu
-    return TrainPlan(workers, on_gpu, max(1, concurrent))
+
+
+def cluster_gpus_per_node() -> list[int]:
+    """GPUs of each alive node of the running cluster (nodes without GPUs left out)."""
+    import ray
+
+    return [int(node["Resources"].get("GPU", 0)) for node in ray.nodes()
+            if node.get("Alive") and node["Resources"].get("GPU", 0) >= 1]
 
 
 def plan_trials(workers: int, use_gpu: bool, cpus: int, gpus: int) -> int:

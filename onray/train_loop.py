@@ -1,8 +1,13 @@
 """The Ray Train worker loop of one backbone's triplet fine-tuning (runs on every DDP worker).
 
-Each epoch: class-balanced P x K batches from the streamed, augmented train shard
-(:func:`lib.training.train_epoch`), then val loss and val mAP@5 over the whole val split, then a report
-to Ray Train with rank 0's checkpoint. A restarted worker group resumes from the last checkpoint.
+Each epoch: class-balanced P x K batches of the train shard (:func:`lib.training.train_epoch`), then val loss
+and val mAP@5 over the whole val split, then a report to Ray Train with rank 0's checkpoint. A restarted worker
+group resumes from the last checkpoint.
+
+With ``augment_on="device"`` (the default) the shard carries the stored images: the worker gathers its
+rows onto its device once, then each epoch picks P x K batches of them by index and augments (and resizes)
+them there; the val split is resized there once. With ``"data"`` Ray Data's map tasks augment on CPUs and the worker
+re-batches the stream. Per-step statistics stay on the device and are read once per epoch.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from lib.augment import normalize
+from lib.augment import AugmentSettings, fresh_generator, normalize, resize_batch
 from lib.backbones import build_model
-from lib.batching import balanced_batches
+from lib.batching import balanced_batches, epoch_batches, planned_steps
 from lib.checkpoints import load_train_state
 from lib.config import from_dict
 from lib.console import log
@@ -33,6 +38,7 @@ from lib.precision import forward, prepare_for_bf16, uses_bf16
 from lib.training import (
     METRIC,
     TrainConfig,
+    augmented_batches,
     best_epoch,
     make_optimizer,
     train_epoch,
@@ -70,28 +76,48 @@ def _sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def _fewest_across_ranks(count: int, device: torch.device) -> int:
+    tensor = torch.tensor([count], dtype=torch.int64, device=device)
+    if _world()[1] > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def whole_shard(shard, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This epoch's rows of ``shard`` on ``device``: images as stored and (N,) labels, copied from pinned memory
+    on a GPU so the copy does not hold up the host."""
+    parts = list(shard.iter_torch_batches(batch_size=None, device="cpu"))
+    if not parts:
+        return torch.zeros((0, 1, 1, 3), dtype=torch.uint8, device=device), torch.zeros(0, dtype=torch.long,
+                                                                                        device=device)
+    images, labels = torch.cat([p["image"] for p in parts]), torch.cat([p["label"] for p in parts]).long()
+    if device.type == "cuda":
+        images, labels = images.pin_memory(), labels.pin_memory()
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, shard, objective: TripletObjective, device: torch.device,
-             bf16: bool) -> dict[str, float]:
-    """Val loss and val retrieval metrics over the whole val split (every rank's shard gathered)."""
+def evaluate(model: torch.nn.Module, val: tuple[torch.Tensor, torch.Tensor], objective: TripletObjective,
+             device: torch.device, bf16: bool) -> dict[str, float]:
+    """Val loss and val retrieval metrics over the whole val split (every rank's part gathered); ``val`` is this
+    rank's (N, 3, S, S) uint8 images and (N,) labels on ``device``."""
     model.eval()
-    embeddings, labels, loss_sum, batches = [], [], 0.0, 0
-    for batch in shard.iter_torch_batches(batch_size=256):
-        images = normalize(batch["image"].to(device, non_blocking=True))
-        embedding = forward(model, images, bf16)
-        loss, _ = objective(embedding, batch["label"].to(device))
-        loss_sum, batches = loss_sum + loss.item(), batches + 1
-        embeddings.append(embedding.cpu().numpy())
-        labels.append(batch["label"].numpy())
-    local = (np.concatenate(embeddings) if embeddings else np.zeros((0, 1), np.float32),
-             np.concatenate(labels) if labels else np.zeros(0, np.int64))
+    images, labels = val
+    embeddings, loss_sum, batches = [], torch.zeros((), device=device), 0
+    for start in range(0, len(labels), 256):
+        embedding = forward(model, normalize(images[start:start + 256]), bf16)
+        loss, _ = objective(embedding, labels[start:start + 256])
+        loss_sum, batches = loss_sum + loss.detach(), batches + 1
+        embeddings.append(embedding)
+    local = (torch.cat(embeddings).cpu().numpy() if embeddings else np.zeros((0, 1), np.float32),
+             labels.cpu().numpy())
     gathered = [local]
     if _world()[1] > 1:
         gathered = [None] * _world()[1]
         dist.all_gather_object(gathered, local)
     all_embeddings = np.concatenate([g[0] for g in gathered if len(g[1])])
     all_labels = np.concatenate([g[1] for g in gathered])
-    loss_sum, batches = _sum_across_ranks([loss_sum, batches], device)
+    loss_sum, batches = _sum_across_ranks([float(loss_sum), batches], device)
     return {"val_loss": loss_sum / max(1, batches), **val_retrieval_metrics(all_embeddings, all_labels)}
 
 
@@ -101,7 +127,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ray.get_gpu_ids() and not torch.cuda.is_available():
         raise RuntimeError(cuda_unusable_reason())  # never a silent CPU fallback on a GPU worker
     device = ray.train.torch.get_device()
-    if device.type != "cuda":
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every batch has the same shape: let cuDNN pick its fastest kernels
+    else:
         # Ray pins a CPU worker to one thread; give each worker its share of the node's cores
         # (shared with the other backbones' workers when several train on one machine).
         sharing = ray.train.get_context().get_local_world_size() * config.get("trainers_per_node", 1)
@@ -111,11 +139,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = prepare_for_bf16(build_model(cfg.backbone, cfg.weights, cfg.embedding_dim), bf16)
     model = ray.train.torch.prepare_model(model)
     plain_model = model.module if hasattr(model, "module") else model
-    steps_per_epoch = max(1, config["rows_per_worker"] // cfg.batch_size)
+    samples_per_class = max(cfg.samples_per_class, -(-cfg.batch_size // config["num_classes"]))
+    # the batches the loader really yields (P x K rows each, not --batch-size): the LR schedule counts these
+    steps_per_epoch = max(1, planned_steps(config["rows_per_worker"], config["num_classes"], cfg.batch_size,
+                                           samples_per_class))
     optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch)
     objective = TripletObjective(cfg.margin, cfg.miner)
-    samples_per_class = max(cfg.samples_per_class, -(-cfg.batch_size // config["num_classes"]))
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    on_device = cfg.augment_on == "device"
+    settings = AugmentSettings(image_size=cfg.image_size)
+    val = whole_shard(val_shard, device)  # read once; resized once, here, when the worker augments
+    val = (resize_batch(val[0], cfg.image_size) if on_device and len(val[1]) else val[0], val[1])
+    train_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     history: list[dict[str, Any]] = []
     resumed_from = None
@@ -131,7 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log(f"{cfg.backbone}: resuming after epoch {history[-1]['epoch']} from {checkpoint.path}")
     else:
-        history.append({"epoch": 0, **evaluate(plain_model, val_shard, objective, device, bf16)})
+        history.append({"epoch": 0, **evaluate(plain_model, val, objective, device, bf16)})
         if rank == 0:
             log(f"{cfg.backbone}: untrained val mAP@5 {history[0][METRIC]:.3f}, P@5 {history[0]['val_p@5']:.3f}")
 
@@ -143,18 +178,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         started = last_log = time.perf_counter()
         reporter.step(epoch, 0, force=True)
 
-        def progress(step: int, totals: np.ndarray, epoch: int = epoch) -> None:
+        def progress(step: int, totals: torch.Tensor, epoch: int = epoch) -> None:
             nonlocal last_log
             reporter.step(epoch, step)
             if rank == 0 and reporter.board is None and time.perf_counter() - last_log > PROGRESS_EVERY_S:
                 last_log = time.perf_counter()
                 log(f"{cfg.backbone} epoch {epoch}: step {step}/~{steps_per_epoch}, loss {totals[0] / totals[1]:.4f}")
 
-        stream = train_shard.iter_torch_batches(batch_size=cfg.batch_size, local_shuffle_buffer_size=4 * cfg.batch_size,
-                                                prefetch_batches=2)
-        batches = balanced_batches(stream, cfg.batch_size, samples_per_class, seed=cfg.seed * 1000 + epoch * 10 + rank)
-        totals = train_epoch(model, _all_have_batches(batches, device), objective, optimizer, scheduler, device, bf16,
-                             on_step=progress)
+        seed = cfg.seed * 1000 + epoch * 10 + rank
+        if on_device:
+            # this worker's rows as stored, gathered from Ray Data once: every epoch draws new P x K batches and new
+            # views of them here, with no Ray Data step inside an epoch
+            stored, stored_labels = train_rows = train_rows or whole_shard(train_shard, device)
+            index = epoch_batches(stored_labels, cfg.batch_size, samples_per_class, seed=seed)
+            steps = _fewest_across_ranks(min(len(index), steps_per_epoch), device)  # DDP: equal step counts
+            batches = augmented_batches(stored, stored_labels, index[:steps], settings, fresh_generator(seed, device))
+        else:
+            stream = train_shard.iter_torch_batches(batch_size=cfg.batch_size, device="cpu", prefetch_batches=2,
+                                                    local_shuffle_buffer_size=4 * cfg.batch_size)
+            batches = _all_have_batches(balanced_batches(stream, cfg.batch_size, samples_per_class, seed=seed,
+                                                         max_steps=steps_per_epoch), device)
+        totals = train_epoch(model, batches, objective, optimizer, scheduler, device, bf16, on_step=progress)
         seconds = time.perf_counter() - started
         reporter.step(epoch, steps_per_epoch, force=True)
         loss_sum, steps, images, active, valid, spread = _sum_across_ranks(totals.tolist(), device)
@@ -164,7 +208,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row = {"epoch": epoch, "train_loss": loss_sum / max(1, steps), "active_fraction": active / max(1, valid),
                "spread": spread / max(1, steps), "lr": scheduler.get_last_lr()[0], "steps": int(steps / world),
                "images_per_s": images / seconds, "epoch_seconds": seconds,
-               **evaluate(plain_model, val_shard, objective, device, bf16)}
+               **evaluate(plain_model, val, objective, device, bf16)}
+        if device.type == "cuda":
+            row["gpu_peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
         if resumed_from is not None:  # the first epoch after a restart or a rerun says so in the metrics
             row["resumed_from"], resumed_from = resumed_from, None
         history.append(row)

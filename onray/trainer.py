@@ -28,6 +28,7 @@ from lib.checkpoints import load_train_state
 from lib.config import from_dict, to_dict
 from lib.console import detail, log
 from lib.dataset import PreparedData, write_subset
+from lib.devices import gpu_share
 from lib.errors import UserError, disk_error, failure_reason
 from lib.io import atomic_copy, atomic_open, ensure_writable_dir, write_json
 from lib.paths import RunPaths
@@ -37,6 +38,7 @@ from onray.plan import (
     TrainPlan,
     check_cuda_on_a_gpu_node,
     cluster_cpus_gpus,
+    cluster_gpus_per_node,
     ensure_gpus,
     plan_training,
     reachable_gpus,
@@ -46,7 +48,7 @@ from onray.runtime import check_cluster_paths, check_shared_storage, init_ray, o
 from onray.train_loop import train_loop_per_worker
 
 # Settings that do not change what a training run computes: a rerun that differs only in them is the same run.
-NOT_RESULT_KEYS = ("max_failures", "inject_failure", "storage")
+NOT_RESULT_KEYS = ("max_failures", "inject_failure", "storage", "gpus_per_worker")
 # How often the driver moves the per-backbone progress bars while it waits for the trainers.
 BAR_POLL_S = 1.0
 
@@ -115,8 +117,9 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_pe
     for split, augment in (("train", True), ("val", False)):
         files = subsets[split][0] if subsets[split] else None
         datasets[split] = augmented_dataset(data, split, settings, augment=augment, files=files,
-                                            shuffle="blocks" if augment else "none")
-    resources = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
+                                            shuffle="blocks" if augment else "none",
+                                            stored=cfg.augment_on == "device")
+    resources = {"CPU": 1, "GPU": gpu_share(cfg.gpus_per_worker) or 1} if use_gpu else {"CPU": 1}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": to_dict(cfg), "rows_per_worker": rows // cfg.num_workers,
@@ -230,12 +233,13 @@ def plan(cfg: TrainConfig) -> TrainPlan:
     cpus, gpus = cluster_cpus_gpus()
     wanted = (cfg.num_workers or 1) * len(cfg.backbones)
     shape = plan_training(cfg.use_gpu, cfg.num_workers, len(cfg.backbones), cpus,
-                          reachable_gpus(cfg.use_gpu, gpus, wanted))
+                          reachable_gpus(cfg.use_gpu, gpus, wanted), cfg.gpus_per_worker,
+                          cluster_gpus_per_node() if gpus else None)
     if cfg.preset == "full" and not shape.use_gpu and cfg.use_gpu == "auto":
         raise UserError("--preset full fine-tunes ImageNet networks at 224 px and needs GPUs, but the Ray cluster has "
                         "none and cannot scale to any: use --use-gpu false to train on CPUs anyway, or --preset quick")
-    if shape.use_gpu and gpus < shape.num_workers:
-        ensure_gpus(shape.num_workers * min(shape.concurrent, len(cfg.backbones)))
+    if shape.use_gpu and gpus < shape.gpus_needed(1):
+        ensure_gpus(shape.gpus_needed(len(cfg.backbones)))
     if shape.use_gpu:
         check_cuda_on_a_gpu_node()
     return shape
@@ -261,14 +265,17 @@ def train_backbones(given: TrainConfig) -> list[TrainConfig]:
     if any(training_subsets(cfg, data).values()):  # once here, not in each trainer
         detail(f"training subsets ready in {time.perf_counter() - started:.1f} s")
     # each backbone resolves on its own: a preset may size epochs per backbone (BACKBONE_PRESETS)
-    configs = {bb: dataclasses.replace(given.for_backbone(bb).resolve(), num_workers=shape.num_workers)
-               for bb in cfg.backbones}
+    configs = {bb: dataclasses.replace(given.for_backbone(bb).resolve(), num_workers=shape.workers_of(i),
+                                       gpus_per_worker=f"{shape.gpus_per_worker:g}" if shape.use_gpu else "auto")
+               for i, bb in enumerate(cfg.backbones)}
     todo = [bb for bb in cfg.backbones if not finished(configs[bb])]
     for done in sorted(set(cfg.backbones) - set(todo)):
         log(f"{done}: already trained with this config ({model_dir(configs[done])}); skipping")
-    log(f"training {', '.join(f'{bb} ({configs[bb].epochs} epochs)' for bb in todo) or 'nothing'} on "
-        f"{shape.num_workers} {'GPU' if shape.use_gpu else 'CPU'} worker(s) each, up to {shape.concurrent} at a "
-        f"time; preset {cfg.preset}, weights {cfg.weights}")
+    share = f" ({shape.gpus_per_worker:.3g} GPU each)" if shape.use_gpu and shape.gpus_per_worker < 1 else ""
+    names = ", ".join(f"{bb} ({configs[bb].epochs} epochs, {configs[bb].num_workers} worker(s))" for bb in todo)
+    log(f"training {names or 'nothing'} on {'GPU' if shape.use_gpu else 'CPU'} workers{share}, up to "
+        f"{shape.concurrent} at a time; preset {cfg.preset}, weights {cfg.weights}, augmenting on the "
+        f"{'training device' if cfg.augment_on == 'device' else 'Ray Data CPUs'}")
 
     # A local Ray runs every trainer on this machine: CPU workers split its cores instead of each
     # taking all of them (oversubscribed threads slow everyone down). On a cluster they spread out.

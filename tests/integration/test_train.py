@@ -69,13 +69,16 @@ def test_one_failing_backbone_spares_the_other_and_a_rerun_resumes_it(data_dir, 
     rows = history(run, "vgg16")
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4] and rows[3]["resumed_from"] == 2
 
-    # a changed config trains afresh instead of resuming the finished run's checkpoints
-    code = smoke(data_dir, run, "--backbones", "vgg16", "--lr", "1e-3", "--epochs", "2")
+    # a changed config trains afresh instead of resuming the finished run's checkpoints; this one augments in
+    # Ray Data's map tasks (--augment-on data) instead of on the worker's device
+    code = smoke(data_dir, run, "--backbones", "vgg16", "--lr", "1e-3", "--epochs", "2", "--augment-on", "data")
     assert code == 0
     rows = history(run, "vgg16")
     assert [r["epoch"] for r in rows] == [0, 1, 2] and not any("resumed_from" in r for r in rows)
+    assert all(r["steps"] >= 2 for r in rows[1:])
     summary = json.loads((run / "models" / "vgg16" / "summary.json").read_text())
     assert summary["config"]["lr"] == 1e-3 and summary["epochs_run"] == 2
+    assert summary["config"]["augment_on"] == "data"
 
 
 def test_offline_imagenet_weights_fail_with_one_line(data_dir, tmp_path, capsys, monkeypatch):

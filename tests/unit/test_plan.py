@@ -25,8 +25,6 @@ def test_insisting_on_gpus_where_there_are_none_names_the_place_and_the_way_out(
 @pytest.mark.parametrize(("use_gpu", "workers", "backbones", "cpus", "gpus", "expected"), [
     ("auto", None, 3, 4, 0, TrainPlan(1, False, 3)),   # the local Ray of a 2-core machine: 4 logical CPUs
     ("auto", None, 3, 16, 0, TrainPlan(1, False, 15)),
-    ("auto", None, 3, 16, 1, TrainPlan(1, True, 1)),   # one GPU: the backbones queue for it
-    ("auto", None, 3, 32, 8, TrainPlan(2, True, 4)),   # 8 GPUs: two workers per backbone
     ("auto", 4, 2, 16, 8, TrainPlan(4, True, 2)),
     ("false", None, 3, 16, 8, TrainPlan(1, False, 15)),
 ])
@@ -34,13 +32,39 @@ def test_training_plans_over_cluster_shapes(use_gpu, workers, backbones, cpus, g
     assert plan_training(use_gpu, workers, backbones, cpus, gpus) == expected
 
 
-def test_impossible_training_plans_are_user_errors():
-    with pytest.raises(UserError, match="needs 4 GPUs; the cluster has 2"):
-        plan_training("auto", 4, 1, 16, 2)
-    with pytest.raises(UserError, match="needs 5 CPUs with Ray Data's share; the cluster has 4"):
-        plan_training("false", 4, 1, 4, 0)
-    with pytest.raises(UserError, match="has no GPUs"):
-        plan_training("true", None, 1, 16, 0)
+@pytest.mark.parametrize(("gpus_per_node", "backbones", "share", "workers", "concurrent"), [
+    ([1], 3, 1 / 3, [1, 1, 1], 3),        # one GPU: the three backbones share it, all at once
+    ([1], 2, 1 / 2, [1, 1], 2),
+    ([1], 1, 1.0, [1], 1),
+    ([2], 3, 1 / 2, [1, 1, 1], 3),        # 2/3 would not pack (two shares of 2/3 overflow a GPU): halves do
+    ([2], 2, 1.0, [1, 1], 2),
+    ([8], 3, 1.0, [3, 3, 2], 3),          # the two spare GPUs go to more workers
+    ([8], 1, 1.0, [8], 1),
+    ([4, 4], 3, 1.0, [2, 4, 2], 3),       # two nodes x 4: each backbone's DDP workers on one node
+    ([4, 4], 2, 1.0, [4, 4], 2),
+    ([2, 2], 3, 1.0, [1, 2, 1], 3),
+])
+def test_gpus_are_shared_or_spread_so_every_backbone_trains_at_once(gpus_per_node, backbones, share, workers,
+                                                                    concurrent):
+    gpus = sum(gpus_per_node)
+    plan = plan_training("auto", None, backbones, 64, gpus, "auto", gpus_per_node)
+    assert plan.use_gpu and plan.gpus_per_worker == pytest.approx(share) and plan.concurrent == concurrent
+    assert [plan.workers_of(i) for i in range(backbones)] == workers
+    # never more GPU than the cluster has, and no GPU idle where a worker could use it
+    assert plan.gpus_needed(backbones) <= gpus
+    assert sum(workers) * share == pytest.approx(gpus) or share < 1
+    for node_gpus in gpus_per_node:  # what Ray's packing needs: whole shares per GPU
+        assert node_gpus * round(1 / share) >= 1
+
+
+def test_explicit_gpu_shares_and_their_limits():
+    plan = plan_training("auto", None, 3, 16, 1, "0.25")
+    assert (plan.gpus_per_worker, plan.num_workers, plan.concurrent) == (0.25, 1, 3)
+    assert plan_training("auto", None, 3, 16, 1, "1").concurrent == 1  # whole GPUs: the backbones queue
+    with pytest.raises(UserError, match="cannot share a GPU"):
+        plan_training("auto", 2, 3, 16, 1, "0.5")
+    with pytest.raises(UserError, match="a number in \\(0, 1\\]"):
+        plan_training("auto", None, 3, 16, 1, "1.5")
 
 
 def test_trials_leave_room_for_workers_and_ray_data():

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from lib.backbones import build_model
-from lib.precision import PRECISIONS, cpu_has_native_bf16, forward, prepare_for_bf16, uses_bf16
+from lib.precision import (
+    PRECISIONS,
+    cpu_has_native_bf16,
+    forward,
+    gpu_has_native_bf16,
+    prepare_for_bf16,
+    uses_bf16,
+)
 
 
 def test_explicit_precision_wins_over_hardware():
@@ -24,6 +31,20 @@ def test_auto_on_cpu_follows_the_cpu_flags():
         flags = {f for line in cpuinfo.read_text().splitlines() if line.startswith("flags") for f in line.split()}
     assert cpu_has_native_bf16() == bool(flags & {"amx_bf16", "avx512_bf16"})
     assert uses_bf16("auto", torch.device("cpu")) == cpu_has_native_bf16()
+
+
+@pytest.mark.parametrize(("capability", "native"), [
+    ((6, 0), False), ((7, 0), False), ((7, 5), False),   # P100, V100, T4: bf16 only emulated
+    ((8, 0), True), ((8, 6), True), ((8, 9), True), ((9, 0), True), ((10, 0), True),  # A100, A10/RTX 30, L4, H100/H200, B200
+])
+def test_auto_takes_bf16_only_on_gpus_that_have_it_in_hardware(capability, native):
+    assert gpu_has_native_bf16(capability) is native
+
+
+def test_auto_on_a_cuda_device_without_usable_cuda_is_float32():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert uses_bf16("auto", "cuda") is False
 
 
 def test_unknown_precision_is_refused():

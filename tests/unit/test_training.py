@@ -67,3 +67,78 @@ def test_per_class_subset_is_stratified_and_seeded():
     assert sorted(np.bincount([int(c[3:]) % 4 for c in chosen])) == [5, 5, 5, 5]
     assert list(chosen) == list(per_class_subset(ids, labels, 5, seed=0))
     assert len(per_class_subset(ids, labels, 0, seed=0)) == 100
+
+
+def test_the_lr_schedule_counts_the_p_by_k_batches_the_loader_yields():
+    """The full preset: batch 256 with 26 images per class is 9 x 26 = 234 rows, so 45,000 train images give
+    192 steps an epoch; a schedule sized by 45,000 // 256 = 175 would reach zero in epoch 28 of 30."""
+    from lib.batching import epoch_batches, planned_steps
+
+    full = TrainConfig(data_dir="d", run_dir="r", preset="full", weights="none").resolve()
+    k = max(full.samples_per_class, -(-full.batch_size // 10))
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(10), 4500))
+    yielded = len(epoch_batches(labels, full.batch_size, k, seed=0))
+    assert planned_steps(45_000, 10, full.batch_size, k) == yielded == 192
+    assert 45_000 // full.batch_size == 175
+    total, warmup = full.epochs * yielded, round(full.warmup_epochs * yielded)
+    assert warmup_cosine(total - 1, total, warmup) > 0  # the last step still learns
+    assert warmup_cosine(28 * yielded, total, warmup) > 0.005
+    assert warmup_cosine(28 * yielded, full.epochs * 175, round(full.warmup_epochs * 175)) == 0.0  # the old count
+
+
+def test_balanced_stream_stops_at_the_planned_steps():
+    import torch
+
+    from lib.batching import balanced_batches, planned_steps
+
+    labels = torch.from_numpy(np.random.default_rng(1).permutation(np.repeat(np.arange(10), 60)))
+    stream = ({"image": labels[i:i + 50].view(-1, 1), "label": labels[i:i + 50]} for i in range(0, 600, 50))
+    plan = planned_steps(600, 10, 64, 8)
+    assert plan == 600 // 10 // 8 * 10 // 8 == 8
+    assert len(list(balanced_batches(stream, 64, 8, seed=0, max_steps=plan - 3))) == plan - 3
+
+
+def test_epoch_totals_kept_on_the_device_equal_per_step_reads():
+    """train_epoch sums loss, triplet counts and spread as tensors and reads them once; the old loop read every
+    step with .item() (and counted valid triplets with torch.unique). Same numbers."""
+    import copy
+
+    import torch
+
+    from lib.losses import TripletObjective, mean_pairwise_distance
+    from lib.training import EPOCH_TOTALS, train_epoch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16))
+    reference = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=generator),
+                "label": torch.arange(3).repeat_interleave(4)} for _ in range(5)]
+    objective = TripletObjective(margin=0.5, miner="all")
+
+    def optimiser(net):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    seen = []
+    totals = train_epoch(model, batches, objective, *optimiser(model), torch.device("cpu"), False,
+                         on_step=lambda step, t: seen.append(float(t[1])))
+    assert seen == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+    from lib.augment import normalize
+
+    optimizer, scheduler = optimiser(reference)
+    expected = np.zeros(len(EPOCH_TOTALS))
+    for batch in batches:
+        embeddings = reference(normalize(batch["image"]))
+        loss, stats = objective(embeddings, batch["label"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        _, counts = torch.unique(batch["label"], return_counts=True)
+        valid = int((counts * (counts - 1) * (len(batch["label"]) - counts)).sum())
+        expected += [loss.item(), 1, len(batch["label"]), int(stats.active), valid,
+                     mean_pairwise_distance(embeddings.detach())]
+    assert totals[EPOCH_TOTALS.index("active")] > 0 and totals[EPOCH_TOTALS.index("valid")] == 5 * 288
+    np.testing.assert_allclose(totals, expected, rtol=1e-6)
