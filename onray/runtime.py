@@ -123,6 +123,10 @@ def route_worker_lines() -> None:
         return
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("cifar_embed_worker_lines", _worker_lines)
+    # Messages the raylet pushes to the driver (a worker killed for memory, "N worker processes have been
+    # started...") skip the dispatcher: Ray's error listener prints them to stdout through this function.
+    if callable(getattr(ray_worker, "print_to_stdstream", None)):
+        ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: _worker_lines(data)
 
 
 def _worker_lines(data: dict[str, Any]) -> None:
@@ -130,6 +134,8 @@ def _worker_lines(data: dict[str, Any]) -> None:
     for line in data.get("lines", ()):
         if console.OURS.match(line):
             console.show(line)
+        elif data.get("pid") == "raylet" and not line.lstrip().startswith(("WARNING", "INFO")):
+            console.show(f"(raylet) {line}")  # a pushed error (a worker lost, out of memory): people need it
         elif console.ray_error_line(line):
             console.show(f"{who} {line}")
         else:

@@ -36,6 +36,7 @@ def test_the_ray_hook_for_worker_lines_exists():
 
     dispatcher = worker.global_worker_stdstream_dispatcher
     assert callable(dispatcher.add_handler) and callable(dispatcher.remove_handler)
+    assert callable(worker.print_to_stdstream)  # what Ray's error listener prints the raylet's messages with
 
 
 def test_verbose_is_a_flag_of_every_job_and_not_a_setting(tmp_path):
