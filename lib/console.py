@@ -90,23 +90,24 @@ def log_path() -> Path | None:
     return _console.log_path if _console.log_file else None
 
 
+def _ray_level(line: str) -> str | None:
+    """The first letter of a Ray log line's level (D, I, W, E, C or F), None for a line not from Ray's logging."""
+    match = _RAY_PY.match(line) or _RAY_CPP.match(line)
+    return match.group(1)[0] if match else None
+
+
+def _harmless(line: str) -> bool:
+    return any(pattern.search(line) for pattern in HARMLESS)
+
+
 def routine_ray_line(line: str) -> bool:
     """True for a line of Ray's own logging at DEBUG, INFO or WARNING level, and for known-harmless lines."""
-    if any(pattern.search(line) for pattern in HARMLESS):
-        return True
-    match = _RAY_PY.match(line)
-    if match:
-        return match.group(1) in ("DEBUG", "INFO", "WARNING")
-    match = _RAY_CPP.match(line)
-    return bool(match) and match.group(1) in "DIW"
+    return _harmless(line) or (_ray_level(line) or "") in ("D", "I", "W")
 
 
 def ray_error_line(line: str) -> bool:
     """True for a line of Ray's logging at ERROR or FATAL level that is not known to be harmless."""
-    if any(pattern.search(line) for pattern in HARMLESS):
-        return False
-    match = _RAY_PY.match(line) or _RAY_CPP.match(line)
-    return bool(match) and match.group(1) in ("ERROR", "CRITICAL", "E", "F")
+    return not _harmless(line) and (_ray_level(line) or "") in ("E", "C", "F")
 
 
 def to_log_file(line: str) -> None:
@@ -120,9 +121,8 @@ def to_log_file(line: str) -> None:
             _console.pending.append(line)
 
 
-def show(line: str) -> None:
-    """One line on the terminal (through tqdm while bars are open), and in the log file."""
-    line = line.rstrip("\n")
+def _to_terminal(line: str) -> None:
+    """One line on the terminal, through tqdm while bars are open so a bar is not torn."""
     with _console.lock:
         if _console.bars:
             from tqdm import tqdm
@@ -132,6 +132,12 @@ def show(line: str) -> None:
             stream = terminal()
             stream.write(line + "\n")
             stream.flush()
+
+
+def show(line: str) -> None:
+    """One line on the terminal and in the log file."""
+    line = line.rstrip("\n")
+    _to_terminal(line)
     to_log_file(line)
 
 
@@ -235,10 +241,7 @@ def _filter_native_stderr(fd: int) -> None:
                 hiding = True
             elif not (hiding and (not line.strip() or line[0].isspace())):
                 hiding = False
-                with _console.lock:
-                    stream = _console.terminal
-                    stream.write(line + "\n")
-                    stream.flush()
+                _to_terminal(line)
             to_log_file(line)
 
 
@@ -293,11 +296,6 @@ class Progress:
         if self.bar is not None:
             self.bar.set_description(desc, refresh=False)
 
-    def set_total(self, total: int) -> None:
-        self.total = total
-        if self.bar is not None:
-            self.bar.total = total
-
     def update(self, done: int, postfix: str = "") -> None:
         """Move to ``done`` items (absolute, so a reporter that skips updates loses nothing)."""
         self.postfix = postfix or self.postfix
@@ -306,11 +304,10 @@ class Progress:
                 if postfix:
                     self.bar.set_postfix_str(postfix, refresh=False)
                 self.bar.update(max(0, done - self.done))
-        elif time.perf_counter() - self.last_line >= PLAIN_PROGRESS_EVERY_S:
-            self.last_line = time.perf_counter()
-            self.done = done
-            log(self.summary())
         self.done = done
+        if self.bar is None and time.perf_counter() - self.last_line >= PLAIN_PROGRESS_EVERY_S:
+            self.last_line = time.perf_counter()
+            log(self.summary())
 
     def summary(self) -> str:
         elapsed = time.perf_counter() - self.started

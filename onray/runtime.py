@@ -19,6 +19,8 @@ from lib.errors import EnvironmentProblem, UserError
 # this many times in all, each time in a fresh temporary folder, after a pause that grows.
 START_ATTEMPTS = 3
 START_PAUSE_S = 3.0
+# Ray's environment switch that keeps a node on loopback (see listen_on_loopback).
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # How long a node may take to read the storage check's token (a node that is still starting can be slow).
 STORAGE_CHECK_TIMEOUT_S = 120
 
@@ -57,7 +59,7 @@ def listen_on_loopback() -> None:
     """
     from ray._private import ray_constants
 
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    os.environ[LOOPBACK_SWITCH] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
@@ -98,13 +100,14 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
         # this run's workers. Every process of this Ray inherits this environment, so they all ask this
         # Ray's own dashboard.
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{kwargs['dashboard_port']}"
+    num_cpus = num_cpus or local_num_cpus()
     try:
-        start_local_ray(num_cpus or local_num_cpus(), **kwargs)
+        start_local_ray(num_cpus, **kwargs)
     finally:
-        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        os.environ.pop(LOOPBACK_SWITCH, None)
     if quiet:
         route_worker_lines()
-    console.detail(f"started a local Ray with {num_cpus or local_num_cpus()} logical CPUs "
+    console.detail(f"started a local Ray with {num_cpus} logical CPUs "
                    f"in {time.perf_counter() - started:.1f} s (set RAY_ADDRESS to use a cluster)")
 
 
