@@ -51,6 +51,8 @@ from onray.train_loop import train_loop_per_worker
 NOT_RESULT_KEYS = ("max_failures", "inject_failure", "storage", "gpus_per_worker")
 # How often the driver moves the per-backbone progress bars while it waits for the trainers.
 BAR_POLL_S = 1.0
+# training_subsets: for "train" and "val", the subset's Parquet files and row count, or None for the whole split
+Subsets = dict[str, "tuple[list[str], int] | None"]
 
 
 class BackboneFailed(Exception):
@@ -96,11 +98,13 @@ def check_weights(cfg: TrainConfig) -> None:
 
 
 def build_trainer(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_per_node: int = 1, *,
-                  name: str, storage: str, callbacks: list | None = None, progress=None) -> TorchTrainer:
+                  name: str, storage: str, subsets: Subsets, callbacks: list | None = None,
+                  progress=None) -> TorchTrainer:
     """The ``TorchTrainer`` of one training run of ``cfg`` (used by :func:`fit_backbone` and each Tune trial).
 
     Builds the Ray Datasets (augmented train subset, resized val subset); the run keeps its checkpoints
     under ``storage/name``, so a second trainer with the same name and storage resumes from them.
+    ``subsets``: :func:`training_subsets` of ``cfg``, written by the job's driver before any trainer starts.
     ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``); ``progress`` is the
     :class:`onray.progress.ProgressBoard` the workers report their steps to (None: they log a line now and then).
     """
@@ -109,7 +113,6 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_pe
     data = PreparedData.open(cfg.data_dir)
     settings = AugmentSettings(image_size=cfg.image_size)
     datasets = {}
-    subsets = training_subsets(cfg, data)
     rows = subsets["train"][1] if subsets["train"] else data.rows("train")
     if rows // cfg.num_workers < cfg.batch_size:
         raise UserError(f"{rows} train images give each of {cfg.num_workers} workers fewer than "
@@ -134,12 +137,12 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_pe
     )
 
 
-def training_subsets(cfg: TrainConfig, data: PreparedData) -> dict[str, tuple[list[str], int] | None]:
+def training_subsets(cfg: TrainConfig, data: PreparedData) -> Subsets:
     """For train and val: the files of the ``--train-per-class`` / ``--val-per-class`` subset and its row count
-    (None when the whole split is used). The first call writes them under ``RUN/subsets/`` (named after DATA's
-    fingerprint, the split, the size per class, the seed and the number of files); later ones, in every trainer,
-    Tune trial and resumed run, find them there."""
-    subsets: dict[str, tuple[list[str], int] | None] = {}
+    (None when the whole split is used). Called by the job's driver, which hands the result to every trainer or
+    Tune trial; the first call writes the files under ``RUN/subsets/`` (named after DATA's fingerprint, the split,
+    the size per class, the seed and the number of files), a resumed run finds them there."""
+    subsets: Subsets = {}
     for split, per_class in (("train", cfg.train_per_class), ("val", cfg.val_per_class)):
         if not per_class:
             subsets[split] = None
@@ -175,7 +178,7 @@ def check_resume_checkpoint(storage: str, name: str) -> None:
         load_train_state(checkpoints[-1], "cpu", run_folder=folder)
 
 
-def fit_backbone(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_per_node: int = 1,
+def fit_backbone(cfg: TrainConfig, use_gpu: bool, num_classes: int, subsets: Subsets, trainers_per_node: int = 1,
                  progress=None) -> dict[str, Any]:
     """Train ``cfg.backbone`` (resuming a run in the same storage) and write its outputs; returns the summary.
 
@@ -187,7 +190,7 @@ def fit_backbone(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_per
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)  # an earlier config's outputs are stale from here on
     trainer = build_trainer(cfg, use_gpu, num_classes, trainers_per_node, name=name, storage=storage,
-                            progress=progress)
+                            subsets=subsets, progress=progress)
     started = time.perf_counter()
     result = trainer.fit()
     return write_outputs(cfg, result, time.perf_counter() - started)
@@ -222,8 +225,9 @@ def write_outputs(cfg: TrainConfig, result, seconds: float) -> dict[str, Any]:
 
 
 @ray.remote(num_cpus=0)
-def _fit_remote(config: dict, use_gpu: bool, num_classes: int, trainers_per_node: int, progress) -> dict[str, Any]:
-    return fit_backbone(from_dict(TrainConfig, config), use_gpu, num_classes, trainers_per_node, progress)
+def _fit_remote(config: dict, use_gpu: bool, num_classes: int, subsets: Subsets, trainers_per_node: int,
+                progress) -> dict[str, Any]:
+    return fit_backbone(from_dict(TrainConfig, config), use_gpu, num_classes, subsets, trainers_per_node, progress)
 
 
 def plan(cfg: TrainConfig) -> TrainPlan:
@@ -261,9 +265,6 @@ def train_backbones(given: TrainConfig) -> list[TrainConfig]:
     init_ray()
     check_shared_storage(models, data.root, cfg.storage)
     shape = plan(cfg)
-    started = time.perf_counter()
-    if any(training_subsets(cfg, data).values()):  # once here, not in each trainer
-        detail(f"training subsets ready in {time.perf_counter() - started:.1f} s")
     # each backbone resolves on its own: a preset may size epochs per backbone (BACKBONE_PRESETS)
     configs = {bb: dataclasses.replace(given.for_backbone(bb).resolve(), num_workers=shape.workers_of(i),
                                        gpus_per_worker=f"{shape.gpus_per_worker:g}" if shape.use_gpu else "auto")
@@ -271,6 +272,15 @@ def train_backbones(given: TrainConfig) -> list[TrainConfig]:
     todo = [bb for bb in cfg.backbones if not finished(configs[bb])]
     for done in sorted(set(cfg.backbones) - set(todo)):
         log(f"{done}: already trained with this config ({model_dir(configs[done])}); skipping")
+    # each trainer's subsets, written here once (backbones with the same sizes share them), not in each trainer
+    started, by_sizes, subsets = time.perf_counter(), {}, {}
+    for bb in todo:
+        sizes = (configs[bb].train_per_class, configs[bb].val_per_class, configs[bb].seed)
+        if sizes not in by_sizes:
+            by_sizes[sizes] = training_subsets(configs[bb], data)
+        subsets[bb] = by_sizes[sizes]
+    if any(subset for chosen in by_sizes.values() for subset in chosen.values()):
+        detail(f"training subsets ready in {time.perf_counter() - started:.1f} s")
     share = f" ({shape.gpus_per_worker:.3g} GPU each)" if shape.use_gpu and shape.gpus_per_worker < 1 else ""
     names = ", ".join(f"{bb} ({configs[bb].epochs} epochs, {configs[bb].num_workers} worker(s))" for bb in todo)
     log(f"training {names or 'nothing'} on {'GPU' if shape.use_gpu else 'CPU'} workers{share}, up to "
@@ -289,7 +299,8 @@ def train_backbones(given: TrainConfig) -> list[TrainConfig]:
             while pending and len(running) < shape.concurrent:
                 backbone = pending.pop(0)
                 ref = _fit_remote.options(scheduling_strategy=here).remote(
-                    to_dict(configs[backbone]), shape.use_gpu, len(data.classes), sharing, bars.board)
+                    to_dict(configs[backbone]), shape.use_gpu, len(data.classes), subsets[backbone], sharing,
+                    bars.board)
                 running[ref] = backbone
             ready, _ = ray.wait(list(running), num_returns=1, timeout=BAR_POLL_S)
             bars.poll()

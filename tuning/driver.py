@@ -22,7 +22,7 @@ from lib import console
 from lib.config import from_dict, to_dict
 from lib.console import Progress, log
 from lib.training import HPARAM_KEYS, METRIC, METRIC_MODE, TrainConfig
-from onray.trainer import build_trainer
+from onray.trainer import Subsets, build_trainer
 from tuning.spaces import Space, to_tune
 
 # Per tune preset: trials, ASHA's grace period and reduction factor, and the training options every
@@ -125,26 +125,30 @@ def release_orphaned_placement_groups() -> int:
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], use_gpu: bool, num_classes: int,
-              trainers_per_node: int, storage: str) -> None:
+              trainers_per_node: int, storage: str, subsets: Subsets) -> None:
     """One Tune trial: the base training config with this trial's values, fitted by Ray Train."""
     cfg = from_dict(TrainConfig, {**base, **config}, source="trial config")  # a bad value fails at once
     trial_id = ray.tune.get_context().get_trial_id()
     # Named by trial id: a retried or resumed trial continues from its own last checkpoint.
     trainer = build_trainer(cfg, use_gpu, num_classes, trainers_per_node, name=trial_id, storage=storage,
-                            callbacks=[TuneReportCallback()])
+                            subsets=subsets, callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
 def fit(base: TrainConfig, space: Space, storage: str, *, search: str, num_samples: int, grace_period: int,
         reduction_factor: float, max_concurrent: int, max_failures: int, use_gpu: bool, num_classes: int,
-        trainers_per_node: int) -> ray.tune.ResultGrid:
+        trainers_per_node: int, subsets: Subsets) -> ray.tune.ResultGrid:
     """Run (or resume, when ``storage`` holds an interrupted experiment) the search; returns Tune's results.
+
+    ``subsets``: :func:`onray.trainer.training_subsets` of ``base`` (a trial changes hyper-parameters only, never
+    the subset sizes or the seed), handed to every trial.
 
     ``storage`` is a local path or a URI (``s3://...``): Tune's experiment and the trials' checkpoints go there.
     """
     storage = storage.rstrip("/")
     trainable = ray.tune.with_parameters(run_trial, base=to_dict(base), use_gpu=use_gpu, num_classes=num_classes,
-                                         trainers_per_node=trainers_per_node, storage=f"{storage}/{TRAIN_RUNS}")
+                                         trainers_per_node=trainers_per_node, storage=f"{storage}/{TRAIN_RUNS}",
+                                         subsets=subsets)
     experiment = f"{storage}/{EXPERIMENT}"
     if ray.tune.Tuner.can_restore(experiment):
         log(f"resuming the interrupted tune in {experiment}")

@@ -110,7 +110,7 @@ def tune_backbone(cfg: TuneJobConfig) -> Path:
         log(f"warning: --max-concurrent {cfg.max_concurrent} is more than the {fits} trial(s) this cluster "
             f"fits now; Ray Data may wait for CPUs that trial drivers hold")
     concurrent = cfg.max_concurrent or fits
-    training_subsets(base, data)  # written once here, found by every trial
+    subsets = training_subsets(base, data)  # written once here, handed to every trial
     write_json(out / "tune_config.json", identity)
     trials = settings["num_samples"] * math.prod(len(d.values) for d in space.values() if d.kind == "grid")
     log(f"tuning {cfg.backbone}: {trials} trial(s), {cfg.search} search, up to {concurrent} at "
@@ -122,7 +122,8 @@ def tune_backbone(cfg: TuneJobConfig) -> Path:
     results = driver.fit(base, space, storage, search=cfg.search, num_samples=settings["num_samples"],
                          grace_period=settings["grace_period"], reduction_factor=settings["reduction_factor"],
                          max_concurrent=concurrent, max_failures=cfg.max_failures, use_gpu=shape.use_gpu,
-                         num_classes=len(data.classes), trainers_per_node=concurrent if local else 1)
+                         num_classes=len(data.classes), trainers_per_node=concurrent if local else 1,
+                         subsets=subsets)
     if not driver.finished(results):
         raise KeyboardInterrupt  # Tune saved its state; a rerun into the same RUN resumes it
     rows = driver.trial_rows(results, base)
