@@ -32,15 +32,14 @@ from lib.devices import gpu_share
 from lib.errors import UserError, disk_error, failure_reason
 from lib.io import atomic_copy, atomic_open, ensure_writable_dir, write_json
 from lib.paths import RunPaths
+from lib.planning import TrainPlan, plan_training
 from lib.training import METRIC, TrainConfig, best_epoch, per_class_subset
 from onray.data import augmented_dataset, default_num_blocks
 from onray.plan import (
-    TrainPlan,
     check_cuda_on_a_gpu_node,
     cluster_cpus_gpus,
     cluster_gpus_per_node,
     ensure_gpus,
-    plan_training,
     reachable_gpus,
 )
 from onray.progress import TrainingBars
@@ -231,7 +230,7 @@ def _fit_remote(config: dict, use_gpu: bool, num_classes: int, subsets: Subsets,
 
 
 def plan(cfg: TrainConfig) -> TrainPlan:
-    """The running cluster's plan for ``cfg`` (:func:`onray.plan.plan_training` over the GPUs it has or can scale
+    """The running cluster's plan for ``cfg`` (:func:`lib.planning.plan_training` over the GPUs it has or can scale
     to). GPUs the plan counts on but the cluster does not have yet are asked of its autoscaler and waited for;
     the ``full`` preset never falls back to CPUs without ``--use-gpu false``."""
     cpus, gpus = cluster_cpus_gpus()

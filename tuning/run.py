@@ -86,7 +86,8 @@ def tune_backbone(cfg: TuneJobConfig) -> Path:
         if importlib.util.find_spec("optuna") is None:
             raise UserError("--search optuna needs the optuna package: pip install optuna")
     # A bad space stops the job above, before Ray, Train and Tune are imported (seconds).
-    from onray.plan import cluster_cpus_gpus, plan_trials
+    from lib.planning import plan_trials
+    from onray.plan import cluster_cpus_gpus
     from onray.runtime import check_shared_storage, init_ray, on_cluster
     from onray.trainer import check_weights, plan, training_subsets
     from tuning import driver, report

@@ -19,8 +19,9 @@ from lib.devices import available_cpus
 from lib.embedding import model_sources
 from lib.errors import UserError
 from lib.io import write_json
+from lib.planning import MAX_CPU_ACTORS_PER_NODE, cpu_actors_per_node
 from lib.training import TrainConfig
-from onray.plan import MAX_CPU_ACTORS_PER_NODE, actor_plan, cpu_actors_per_node
+from onray.plan import actor_plan
 from tests.conftest import CLASSES, make_image_folder
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -223,7 +224,7 @@ def test_one_cpu_embedding_actor_per_core_up_to_the_cap(node_cpus, cores, expect
 def test_the_local_ray_embeds_with_one_single_threaded_actor_per_core():
     plan = actor_plan("auto")  # the session Ray: 4 logical CPUs on this machine, no GPU
     cores = available_cpus()
-    assert plan["on_gpu"] is False and plan["num_gpus"] == 0
-    assert plan["actors"] == min(cores, 4, MAX_CPU_ACTORS_PER_NODE) == plan["actors_per_node"]
+    assert plan.on_gpu is False and plan.gpus_per_actor == 0
+    assert plan.actors == min(cores, 4, MAX_CPU_ACTORS_PER_NODE) == plan.actors_per_node
     with pytest.raises(UserError, match="no GPUs"):
         actor_plan("true")
