@@ -142,11 +142,12 @@ def test_untrained_embeddings_are_reproducible(evaluated):
     from lib.dataset import PreparedData
     from lib.embedding import ModelSource, embed_loop, load_embedding_model, read_embeddings
 
-    ids, _, stored = read_embeddings(run, "vgg16-untrained", "test")
+    stored = read_embeddings(run, "vgg16-untrained", "test")
+    ids = stored.ids
     source = ModelSource("vgg16-untrained", "vgg16", "none", 128, 32, seed=0)
     again = embed_loop(source, load_embedding_model(source), PreparedData.open(data).images_by_id("test", list(ids[:4])),
                        batch_size=4)
-    assert np.allclose(again, stored[:4], atol=1e-5)
+    assert np.allclose(again, stored.vectors[:4], atol=1e-5)
 
 
 def test_rerun_does_no_work_and_a_changed_flag_reuses_the_embeddings(evaluated):
