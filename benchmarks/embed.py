@@ -45,7 +45,7 @@ def measure(data: PreparedData, rounds: int = 3, backbones: tuple[str, ...] = ("
     ray.data.DataContext.get_current().enable_progress_bars = False
     sources = [ModelSource(f"benchmark-{b}", b, "none", embedding_dim, image_size) for b in backbones]
     plan = actor_plan("auto", num_actors)  # 0: jobs.evaluate's choice
-    device = torch.device("cuda" if plan["on_gpu"] else "cpu")
+    device = torch.device("cuda" if plan.on_gpu else "cpu")
 
     def through_ray() -> dict[str, dict[str, np.ndarray]]:
         return stream_embeddings(data, sources, plan, batch_size)
@@ -78,8 +78,8 @@ def measure(data: PreparedData, rounds: int = 3, backbones: tuple[str, ...] = ("
             key = f"embedding_{i}"
             diff = max(diff, float(np.abs(ray_out[split][key][ray_order] - plain_out[split][key][plain_order]).max()))
     results: dict = {"images": images, "backbones": list(backbones), "image_size": image_size,
-                     "batch_size": batch_size, "rounds": rounds, "actors": plan["actors"],
-                     "device": "GPU" if plan["on_gpu"] else "CPU", "torch_threads": available_cpus(),
+                     "batch_size": batch_size, "rounds": rounds, "actors": plan.actors,
+                     "device": "GPU" if plan.on_gpu else "CPU", "torch_threads": available_cpus(),
                      "max_abs_diff": round(diff, 6)}
     for name in ("ray_actor_pool", "plain_torch"):
         results[name] = {"wall_s": _median(measured.wall[name]), "cpu_s_driver": _median(measured.cpu[name]),

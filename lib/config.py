@@ -7,6 +7,10 @@ worker, are errors rather than silently ignored: a typo must fail at once, not a
 Supported field types: ``str``, ``int``, ``float``, ``bool`` (``--x/--no-x``), ``Literal[...]``
 (choices), ``X | None`` and ``tuple[str, ...]`` (comma-separated on the command line).
 Each field's ``metadata["help"]`` becomes its ``--help`` text.
+
+A config that passes some of another config's settings through declares them once by name with
+:func:`fields_from` (``PipelineConfig`` takes ``--epochs``, ``--lr``, ... from ``TrainConfig``): type,
+default and help text come from the other config's fields, so a new setting there needs only its name here.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import dataclasses
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -27,11 +31,55 @@ from lib.errors import UserError
 C = TypeVar("C")
 
 _MISSING = dataclasses.MISSING
+# metadata key of a field that :func:`fields_from` took from another config: the config it came from
+BORROWED_FROM = "borrowed_from"
+HEADING = "heading"  # metadata key: the --help section of a field from fields_from
 
 
 def option(default: Any = _MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002 - argparse's name
     """A dataclass field with ``--help`` text; ``default`` omitted makes the flag required."""
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def fields_from(source: type, names: Sequence[str], heading: str = "") -> Callable[[type[C]], type[C]]:
+    """Class decorator, written under ``@dataclass``: give the class ``source``'s fields ``names``.
+
+    Each added field has the source field's type (a nested dataclass stays its own type), default (or default
+    factory; none: required) and metadata, help text included, and records ``source`` under
+    :data:`BORROWED_FROM` so :func:`borrowed` can hand the values back. The added fields follow the class's own
+    fields, in ``names`` order, and are keyword-only (so a required one may follow fields with defaults).
+    ``--help`` lists them under ``heading`` (default: the source's name).
+    A name the class declares itself, or that ``source`` lacks, is a ``TypeError`` at import.
+    """
+    source_fields = {f.name: f for f in dataclasses.fields(source)}
+    unknown = [name for name in names if name not in source_fields]
+    if unknown:
+        raise TypeError(f"{source.__name__} has no field(s) {', '.join(unknown)}")
+    # resolved types, not the source module's annotation strings: the class's module need not import them
+    hints = typing.get_type_hints(source)
+
+    def add_fields(cls: type[C]) -> type[C]:
+        annotations = dict(cls.__dict__.get("__annotations__", {}))
+        for name in names:
+            if name in annotations:
+                raise TypeError(f"{cls.__name__}.{name} is declared in the class and taken from {source.__name__}")
+            taken = source_fields[name]
+            annotations[name] = hints[name]
+            setattr(cls, name, dataclasses.field(default=taken.default, default_factory=taken.default_factory,
+                                                 metadata={**taken.metadata, BORROWED_FROM: source,
+                                                           HEADING: heading or f"settings of {source.__name__}"},
+                                                 kw_only=True))
+        cls.__annotations__ = annotations
+        return cls
+
+    return add_fields
+
+
+def borrowed(config: Any, source: type) -> dict[str, Any]:
+    """The values of ``config``'s fields taken from ``source`` by :func:`fields_from`, by name (ready to pass
+    to ``source(...)``)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if f.metadata.get(BORROWED_FROM) is source}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -180,7 +228,11 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's own log lines on the terminal too (they always go to the job's log file)")
     hints = _field_types(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}  # fields_from's fields, under their heading
     for f in dataclasses.fields(cls):
+        heading = f.metadata.get(HEADING)
+        target = parser if heading is None else groups.get(heading) or groups.setdefault(
+            heading, parser.add_argument_group(heading))
         flag = "--" + f.name.replace("_", "-")
         tp, _ = _unwrap_optional(hints[f.name])
         required = f.default is _MISSING and f.default_factory is _MISSING
@@ -199,7 +251,7 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
             kwargs["help"] += " (required)"
         else:
             kwargs["default"] = f.default if f.default is not _MISSING else f.default_factory()
-        parser.add_argument(flag, **kwargs)
+        target.add_argument(flag, **kwargs)
     return parser
 
 

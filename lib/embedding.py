@@ -179,15 +179,25 @@ def write_split(path: Path, ids: np.ndarray, labels: np.ndarray, embeddings: np.
         pq.write_table(table, tmp)
 
 
-def read_embeddings(run_dir: str | os.PathLike, name: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids (N,) str, labels (N,) int64, embeddings (N, D) float32) of one model's split."""
+@dataclass(frozen=True)
+class SplitEmbeddings:
+    """One model's embeddings of one split, row i of each array about the same image: ``ids`` (N,) str,
+    ``labels`` (N,) int64, ``vectors`` (N, D) float32."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    vectors: np.ndarray
+
+
+def read_embeddings(run_dir: str | os.PathLike, name: str, split: str) -> SplitEmbeddings:
+    """One model's stored embeddings of one split."""
     path = RunPaths.of(run_dir).embeddings(name) / f"{split}.parquet"
     if not path.is_file():
         raise UserError(f"no embeddings for model {name!r}: {path} is missing (run jobs.evaluate)")
     table = pq.read_table(path)
     column = table.column("embedding").combine_chunks()
     vectors = column.flatten().to_numpy().reshape(len(table), column.type.list_size)
-    return table_ids(table), table.column("label").to_numpy(), vectors
+    return SplitEmbeddings(table_ids(table), table.column("label").to_numpy(), vectors)
 
 
 def up_to_date(run_dir: str | os.PathLike, name: str, identity: dict[str, Any]) -> bool:

@@ -21,7 +21,7 @@ from lib.config import check_ranges, option
 from lib.console import detail, log
 from lib.dataset import SPLITS, PreparedData
 from lib.devices import USE_GPU_HELP, UseGpu
-from lib.embedding import ModelSource, trained_config, write_split
+from lib.embedding import ModelSource, SplitEmbeddings, trained_config, write_split
 from lib.errors import UserError
 from lib.io import atomic_path, read_json, write_json
 from lib.paths import RunPaths
@@ -32,7 +32,19 @@ OUTPUTS = ("results.md", "tsne.png", "clusters.png", "retrieval_grid.png", "embe
            "index_rows.parquet", "index.json")
 TSNE_THREADED_FROM = 5000  # points
 
-Splits = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # split -> (ids, labels, embeddings)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """One model's embeddings of every split (the stacked embedding's too)."""
+
+    train: SplitEmbeddings
+    val: SplitEmbeddings
+    test: SplitEmbeddings
+
+    def of(self, split: str) -> SplitEmbeddings:
+        """The split named ``split`` (one of :data:`lib.dataset.SPLITS`)."""
+        return {"train": self.train, "val": self.val, "test": self.test}[split]
 
 
 @dataclass(frozen=True)
@@ -95,8 +107,8 @@ def check_aligned(embeddings: dict[str, Splits], run: RunPaths) -> None:
     """Every model's split must hold the same ids in the same order (stacking compares rows)."""
     first = next(iter(embeddings))
     for name, splits in embeddings.items():
-        for split, (ids, _, _) in splits.items():
-            if not np.array_equal(ids, embeddings[first][split][0]):
+        for split in SPLITS:
+            if not np.array_equal(splits.of(split).ids, embeddings[first].of(split).ids):
                 raise UserError(f"embeddings of {name} and {first} cover different {split} images; "
                                 f"delete {run.embeddings(name)} and rerun")
 
@@ -107,16 +119,18 @@ def stacked_model(cfg: EvaluateConfig, embeddings: dict[str, Splits], names: lis
     from lib.stacking import evaluate_stacking, stack_embeddings
 
     log(f"stacking {', '.join(names)}: {cfg.stack_projection} projection on train+val, stacking classifier on train")
-    split_blocks = {split: {n: embeddings[n][split][2] for n in names} for split in SPLITS}
+    split_blocks = {split: {n: embeddings[n].of(split).vectors for n in names} for split in SPLITS}
     fit = {n: np.concatenate([split_blocks["train"][n], split_blocks["val"][n]]) for n in names}
-    first = embeddings[names[0]]
-    fit_labels = np.concatenate([first["train"][1], first["val"][1]])
+    first = embeddings[names[0]]  # every model's rows are the same images in the same order (check_aligned)
+    fit_labels = np.concatenate([first.train.labels, first.val.labels])
     stacked = stack_embeddings(fit, fit_labels, split_blocks, method=cfg.stack_projection)
-    result = evaluate_stacking(split_blocks["train"], first["train"][1], split_blocks["test"], first["test"][1])
-    splits = {split: (first[split][0], first[split][1], vectors) for split, vectors in stacked.items()}
+    result = evaluate_stacking(split_blocks["train"], first.train.labels, split_blocks["test"], first.test.labels)
+    splits = Splits(**{split: SplitEmbeddings(first.of(split).ids, first.of(split).labels, stacked[split])
+                       for split in SPLITS})
     folder = RunPaths.of(cfg.run_dir).embeddings(STACKED)
-    for split, (ids, labels, vectors) in splits.items():
-        write_split(folder / f"{split}.parquet", ids, labels, vectors)
+    for split in SPLITS:
+        part = splits.of(split)
+        write_split(folder / f"{split}.parquet", part.ids, part.labels, part.vectors)
     write_json(folder / "source.json", {"name": STACKED, "from": names, "method": cfg.stack_projection,
                                         "fit": "train+val"})
     return splits, {"stacking_classifier": {"train_acc": result.train_acc, "test_acc": result.test_acc},
@@ -127,22 +141,20 @@ def score_model(name: str, splits: Splits, use_gpu: str, extra: dict) -> dict[st
     """Retrieval under protocols L and G, and the linear probe, as a ``metrics.json`` model entry."""
     from lib.retrieval.protocols import evaluate_protocols, linear_probe
 
-    (_, train_labels, train), (_, test_labels, test) = splits["train"], splits["test"]
-    detail(f"{name}: retrieval (protocols L and G) and linear probe on {len(test)} test / {len(train)} train")
-    protocols = evaluate_protocols(train, train_labels, test, test_labels, use_gpu=use_gpu)
-    train_acc, test_acc = linear_probe(train, train_labels, test, test_labels)
+    train, test = splits.train, splits.test
+    detail(f"{name}: retrieval (protocols L and G) and linear probe on {len(test.ids)} test / {len(train.ids)} train")
+    protocols = evaluate_protocols(train.vectors, train.labels, test.vectors, test.labels, use_gpu=use_gpu)
+    train_acc, test_acc = linear_probe(train.vectors, train.labels, test.vectors, test.labels)
     entry = model_entry(protocols, train_acc, test_acc, **extra)
     log(f"{name}: mAP@5 L {entry['L']['map@5']:.3f} G {entry['G']['map@5']:.3f}, kNN acc {entry['knn_acc']:.3f}, "
         f"probe test acc {test_acc:.3f}")
     return entry
 
 
-def cluster_model(name: str, test: tuple[np.ndarray, np.ndarray, np.ndarray], seed: int
-                  ) -> tuple[dict[str, float], np.ndarray]:
+def cluster_model(name: str, test: SplitEmbeddings, seed: int) -> tuple[dict[str, float], np.ndarray]:
     from lib.clustering import cluster_embeddings
 
-    _, labels, vectors = test
-    clusters, scores = cluster_embeddings(vectors, labels, seed=seed)
+    clusters, scores = cluster_embeddings(test.vectors, test.labels, seed=seed)
     log(f"{name}: K-Means NMI {scores['nmi']:.3f}, ARI {scores['ari']:.3f}, purity {scores['purity']:.3f}")
     return scores, clusters
 
@@ -155,7 +167,7 @@ def write_figures(cfg: EvaluateConfig, data: PreparedData, out: Path, splits: Sp
     from lib.retrieval.index import knn
 
     classes = data.classes
-    ids, labels, test = splits["test"]
+    ids, labels, test = splits.test.ids, splits.test.labels, splits.test.vectors
     rows = seeded_subset(len(test), cfg.tsne_points, cfg.seed)
     log(f"{name}: t-SNE of {len(rows)} test embeddings")
     # threads only pay off on large maps: measured on 2 busy cores, 24 points took 22 s with all
@@ -164,7 +176,7 @@ def write_figures(cfg: EvaluateConfig, data: PreparedData, out: Path, splits: Sp
     save_figure(tsne_figure(points, labels[rows], classes, title=f"t-SNE of {name} test embeddings, by true class"),
                 out / "tsne.png")
     save_figure(clusters_figure(points, labels[rows], clusters[rows], classes, scores), out / "clusters.png")
-    train_ids, train_labels, train = splits["train"]
+    train_ids, train_labels, train = splits.train.ids, splits.train.labels, splits.train.vectors
     queries = grid_query_rows(labels, cfg.grid_queries, cfg.seed)
     similarities, neighbours = knn(test[queries], train, min(cfg.grid_k, len(train)), use_gpu=cfg.faiss_use_gpu)
     gallery_rows = np.unique(neighbours)  # only the neighbours' pixels are read
@@ -175,14 +187,14 @@ def write_figures(cfg: EvaluateConfig, data: PreparedData, out: Path, splits: Sp
     save_figure(figure, out / "retrieval_grid.png")
 
 
-def save_index(cfg: EvaluateConfig, data: PreparedData, out: Path, train: tuple, name: str) -> None:
+def save_index(cfg: EvaluateConfig, data: PreparedData, out: Path, train: SplitEmbeddings, name: str) -> None:
     """``index.faiss``: an exact inner-product index of ``name``'s train embeddings; rows in ``index_rows.parquet``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from lib.retrieval.index import faiss, l2_normalize
 
-    ids, labels, vectors = train
+    ids, labels, vectors = train.ids, train.labels, train.vectors
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(l2_normalize(vectors))
     with atomic_path(out / "index.faiss") as tmp:
@@ -201,6 +213,6 @@ def save_index(cfg: EvaluateConfig, data: PreparedData, out: Path, train: tuple,
 def export_blocks(embeddings: dict[str, Splits], limit: int, seed: int) -> Iterator[tuple]:
     """(name, ids, labels, embeddings) of a seeded subset of each model's test rows, for ``embeddings.csv``."""
     for name, splits in embeddings.items():
-        ids, labels, vectors = splits["test"]
-        rows = seeded_subset(len(ids), limit, seed)
-        yield name, ids[rows], labels[rows], vectors[rows]
+        test = splits.test
+        rows = seeded_subset(len(test.ids), limit, seed)
+        yield name, test.ids[rows], test.labels[rows], test.vectors[rows]

@@ -51,10 +51,10 @@ def load_gallery(run: RunPaths, info: dict[str, Any], model: str) -> Gallery:
     if not (run.embeddings(model) / "train.parquet").is_file():
         known = sorted(p.parent.name for p in run.embeddings_root.glob("*/train.parquet"))
         raise UserError(f"unknown model {model!r} in {run.embeddings_root} (choose from {', '.join(known)})")
-    ids, labels, vectors = read_embeddings(run.root, model, "train")
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(l2_normalize(vectors))
-    return Gallery(model, index, ids, labels)
+    train = read_embeddings(run.root, model, "train")
+    index = faiss.IndexFlatIP(train.vectors.shape[1])
+    index.add(l2_normalize(train.vectors))
+    return Gallery(model, index, train.ids, train.labels)
 
 
 class Searcher:
@@ -76,8 +76,8 @@ class Searcher:
     def test_embeddings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids (N,), labels (N,), embeddings (N, D)) of the model's test split, read once."""
         if self._test is None:
-            test_ids, labels, vectors = read_embeddings(self.run.root, self.model, "test")
-            self._test = (test_ids, labels, vectors, {row_id: i for i, row_id in enumerate(test_ids)})
+            test = read_embeddings(self.run.root, self.model, "test")
+            self._test = (test.ids, test.labels, test.vectors, {row_id: i for i, row_id in enumerate(test.ids)})
         return self._test[:3]
 
     def test_queries(self, ids: list[str], pixels: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:

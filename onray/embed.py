@@ -28,6 +28,7 @@ from lib.embedding import (
 )
 from lib.io import write_json
 from lib.paths import RunPaths
+from lib.planning import ActorPlan
 from lib.precision import uses_bf16
 from onray.data import read_prepared
 from onray.plan import actor_plan
@@ -59,16 +60,17 @@ class EmbedBatches:
         return out
 
 
-def embedding_dataset(images: ray.data.Dataset, sources: list[ModelSource], plan: dict[str, Any],
+def embedding_dataset(images: ray.data.Dataset, sources: list[ModelSource], plan: ActorPlan,
                       batch_size: int) -> ray.data.Dataset:
     """``images`` (an ``image`` column, any others) -> the same rows with ``embedding_<i>`` instead of ``image``."""
-    return images.map_batches(EmbedBatches, batch_size=batch_size, batch_format="numpy", compute=plan["compute"],
-                              num_gpus=plan["num_gpus"], num_cpus=plan["num_cpus"],
+    return images.map_batches(EmbedBatches, batch_size=batch_size, batch_format="numpy",
+                              compute=ray.data.ActorPoolStrategy(size=plan.actors), num_gpus=plan.gpus_per_actor,
+                              num_cpus=plan.cpus_per_actor,
                               fn_constructor_kwargs={"sources": [dataclasses.asdict(s) for s in sources],
-                                                     "actors_per_node": plan["actors_per_node"]})
+                                                     "actors_per_node": plan.actors_per_node})
 
 
-def stream_embeddings(data: PreparedData, sources: list[ModelSource], plan: dict[str, Any],
+def stream_embeddings(data: PreparedData, sources: list[ModelSource], plan: ActorPlan,
                       batch_size: int) -> dict[str, dict[str, np.ndarray]]:
     """Embed every split of ``data`` with every source in one streaming pass (Ray Data actor pool).
 
@@ -79,7 +81,7 @@ def stream_embeddings(data: PreparedData, sources: list[ModelSource], plan: dict
     total = sum(data.rows(split) for split in SPLITS)
     progress = Progress(total, f"embed with {len(sources)} model(s)")
     done = 0
-    images = read_prepared(data, readers=plan["actors"])
+    images = read_prepared(data, readers=plan.actors)
     for batch in embedding_dataset(images, sources, plan, batch_size).iter_batches(batch_size=None,
                                                                                    batch_format="numpy"):
         splits = np.asarray(batch["split"])
@@ -113,8 +115,8 @@ def ensure_embeddings(data: PreparedData, run_dir: str, sources: list[ModelSourc
         run.embeddings(source.name).mkdir(parents=True, exist_ok=True)
         (run.embeddings(source.name) / SOURCE_FILE).unlink(missing_ok=True)  # stale until rewritten
     started = time.perf_counter()
-    log(f"embedding every split with {', '.join(s.name for s in todo)} on {plan['actors']} "
-        f"{'GPU' if plan['on_gpu'] else 'CPU'} actor(s)")
+    log(f"embedding every split with {', '.join(s.name for s in todo)} on {plan.actors} "
+        f"{'GPU' if plan.on_gpu else 'CPU'} actor(s)")
     merged = stream_embeddings(data, todo, plan, batch_size)
     for i, source in enumerate(todo):
         folder = run.embeddings(source.name)

@@ -14,6 +14,7 @@ from lib.dataset import SPLITS, PreparedData
 from lib.embedding import check_loadable, model_sources, read_embeddings, up_to_date
 from lib.evaluation import (
     EvaluateConfig,
+    Splits,
     check_aligned,
     cluster_model,
     describe_weights,
@@ -53,7 +54,8 @@ def evaluate_run(cfg: EvaluateConfig) -> tuple[Path, str]:
     check_shared_storage(out, data.root)
     log(f"embedding train/val/test with {', '.join(s.name for s in sources)}")
     ensure_embeddings(data, cfg.run_dir, sources, cfg.batch_size, cfg.use_gpu, cfg.num_actors)
-    embeddings = {s.name: {split: read_embeddings(cfg.run_dir, s.name, split) for split in SPLITS} for s in sources}
+    embeddings = {s.name: Splits(**{split: read_embeddings(cfg.run_dir, s.name, split) for split in SPLITS})
+                  for s in sources}
     check_aligned(embeddings, run)
     stack = [s.name for s in sources if not s.baseline]
     models: dict = {}
@@ -62,12 +64,12 @@ def evaluate_run(cfg: EvaluateConfig) -> tuple[Path, str]:
     clusters, cluster_ids = {}, {}
     for name, splits in embeddings.items():
         models[name] = score_model(name, splits, cfg.faiss_use_gpu, models.get(name, {}))
-        clusters[name], cluster_ids[name] = cluster_model(name, splits["test"], cfg.seed)
+        clusters[name], cluster_ids[name] = cluster_model(name, splits.test, cfg.seed)
     models = {name: models[name] for name in embeddings}  # report in evaluation order
     best = best_model(models)
     best_single = best_model(models, [name for name in models if name != STACKED])
     write_figures(cfg, data, out, embeddings[best], best, cluster_ids[best], clusters[best])
-    save_index(cfg, data, out, embeddings[best_single]["train"], best_single)
+    save_index(cfg, data, out, embeddings[best_single].train, best_single)
     write_embeddings_csv(out / "embeddings.csv", export_blocks(embeddings, cfg.csv_rows, cfg.seed))
     for source in sources:
         curve = run.model(source.backbone) / "loss_curve.png"

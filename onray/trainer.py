@@ -32,15 +32,14 @@ from lib.devices import gpu_share
 from lib.errors import UserError, disk_error, failure_reason
 from lib.io import atomic_copy, atomic_open, ensure_writable_dir, write_json
 from lib.paths import RunPaths
+from lib.planning import TrainPlan, plan_training
 from lib.training import METRIC, TrainConfig, best_epoch, per_class_subset
 from onray.data import augmented_dataset, default_num_blocks
 from onray.plan import (
-    TrainPlan,
     check_cuda_on_a_gpu_node,
     cluster_cpus_gpus,
     cluster_gpus_per_node,
     ensure_gpus,
-    plan_training,
     reachable_gpus,
 )
 from onray.progress import TrainingBars
@@ -51,8 +50,25 @@ from onray.train_loop import train_loop_per_worker
 NOT_RESULT_KEYS = ("max_failures", "inject_failure", "storage", "gpus_per_worker")
 # How often the driver moves the per-backbone progress bars while it waits for the trainers.
 BAR_POLL_S = 1.0
-# training_subsets: for "train" and "val", the subset's Parquet files and row count, or None for the whole split
-Subsets = dict[str, "tuple[list[str], int] | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Subset:
+    """A training subset of one split, written once under ``RUN/subsets/``: its Parquet ``files`` and ``rows``."""
+
+    files: tuple[str, ...]
+    rows: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Subsets:
+    """What :func:`training_subsets` chose for a training run: the train and val subsets (None: the whole split)."""
+
+    train: Subset | None
+    val: Subset | None
+
+    def of(self, split: str) -> Subset | None:
+        return {"train": self.train, "val": self.val}[split]
 
 
 class BackboneFailed(Exception):
@@ -113,12 +129,13 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_pe
     data = PreparedData.open(cfg.data_dir)
     settings = AugmentSettings(image_size=cfg.image_size)
     datasets = {}
-    rows = subsets["train"][1] if subsets["train"] else data.rows("train")
+    rows = subsets.train.rows if subsets.train else data.rows("train")
     if rows // cfg.num_workers < cfg.batch_size:
         raise UserError(f"{rows} train images give each of {cfg.num_workers} workers fewer than "
                         f"--batch-size {cfg.batch_size}: lower --batch-size or --num-workers")
     for split, augment in (("train", True), ("val", False)):
-        files = subsets[split][0] if subsets[split] else None
+        subset = subsets.of(split)
+        files = list(subset.files) if subset else None
         datasets[split] = augmented_dataset(data, split, settings, augment=augment, files=files,
                                             shuffle="blocks" if augment else "none",
                                             stored=cfg.augment_on == "device")
@@ -142,18 +159,18 @@ def training_subsets(cfg: TrainConfig, data: PreparedData) -> Subsets:
     (None when the whole split is used). Called by the job's driver, which hands the result to every trainer or
     Tune trial; the first call writes the files under ``RUN/subsets/`` (named after DATA's fingerprint, the split,
     the size per class, the seed and the number of files), a resumed run finds them there."""
-    subsets: Subsets = {}
+    chosen: dict[str, Subset | None] = {}
     for split, per_class in (("train", cfg.train_per_class), ("val", cfg.val_per_class)):
         if not per_class:
-            subsets[split] = None
+            chosen[split] = None
             continue
         ids, labels = data.ids_and_labels(split)
         keep = per_class_subset(ids, labels, per_class, cfg.seed)
         parts = default_num_blocks(len(keep))
         name = f"{split}-{per_class}-per-class-seed{cfg.seed}-{parts}-files-{data.fingerprint()[:12]}"
         files = write_subset(data, split, keep, RunPaths.of(cfg.run_dir).subset(name), parts)
-        subsets[split] = (files, len(keep))
-    return subsets
+        chosen[split] = Subset(tuple(files), len(keep))
+    return Subsets(**chosen)
 
 
 def local_run_folder(storage: str, name: str) -> Path | None:
@@ -231,7 +248,7 @@ def _fit_remote(config: dict, use_gpu: bool, num_classes: int, subsets: Subsets,
 
 
 def plan(cfg: TrainConfig) -> TrainPlan:
-    """The running cluster's plan for ``cfg`` (:func:`onray.plan.plan_training` over the GPUs it has or can scale
+    """The running cluster's plan for ``cfg`` (:func:`lib.planning.plan_training` over the GPUs it has or can scale
     to). GPUs the plan counts on but the cluster does not have yet are asked of its autoscaler and waited for;
     the ``full`` preset never falls back to CPUs without ``--use-gpu false``."""
     cpus, gpus = cluster_cpus_gpus()
@@ -279,7 +296,7 @@ def train_backbones(given: TrainConfig) -> list[TrainConfig]:
         if sizes not in by_sizes:
             by_sizes[sizes] = training_subsets(configs[bb], data)
         subsets[bb] = by_sizes[sizes]
-    if any(subset for chosen in by_sizes.values() for subset in chosen.values()):
+    if any(chosen.train or chosen.val for chosen in by_sizes.values()):
         detail(f"training subsets ready in {time.perf_counter() - started:.1f} s")
     share = f" ({shape.gpus_per_worker:.3g} GPU each)" if shape.use_gpu and shape.gpus_per_worker < 1 else ""
     names = ", ".join(f"{bb} ({configs[bb].epochs} epochs, {configs[bb].num_workers} worker(s))" for bb in todo)

@@ -4,7 +4,7 @@ Ray Train V2 trainers cannot be handed to a ``Tuner`` (``Tuner(trainer)`` raises
 trial is a function that builds the trainer of its config (``onray.trainer.build_trainer``, the one
 ``jobs.train`` uses) and fits it with ``TuneReportCallback``, which forwards each epoch's report to Tune.
 The trial's own process holds one CPU; its Train workers and Ray Data ask for theirs separately, so the
-number of trials at once is bounded by what the cluster has room for (``onray.plan.plan_trials``), not by Tune.
+number of trials at once is bounded by what the cluster has room for (``lib.planning.plan_trials``), not by Tune.
 """
 
 from __future__ import annotations

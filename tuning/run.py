@@ -13,28 +13,34 @@ import importlib.util
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from lib.backbones import check_backbones
-from lib.config import check_ranges, option, to_dict
+from lib.config import borrowed, check_ranges, fields_from, option, to_dict
 from lib.console import log
 from lib.dataset import PreparedData
-from lib.devices import USE_GPU_HELP, UseGpu
 from lib.errors import UserError
 from lib.io import ensure_writable_dir, write_json
 from lib.paths import RunPaths, absolute
-from lib.training import METRIC, Preset, TrainConfig
+from lib.pipeline import PipelineConfig
+from lib.training import METRIC, TrainConfig
 from tuning.spaces import fixed_values, load_space, preset_space, searched_keys
+
+# jobs.train's settings a tune passes to every trial, as jobs.train declares them (None: the tune preset's
+# value, else the training preset's). Adding a training flag to jobs.tune = adding its name here.
+# TODO(merge with objectives): add "loss" once TrainConfig has that field.
+TRAIN_SETTINGS = ("data_dir", "preset", "weights", "num_workers", "use_gpu", "precision", "augment_on", "image_size",
+                  "batch_size", "epochs", "train_per_class", "val_per_class")
+# Of those, the ones that size the trials: the pipeline's tune stage leaves them to the tune preset.
+TRIAL_SIZES = ("epochs", "train_per_class", "val_per_class")
 
 
 @dataclasses.dataclass(frozen=True)
+@fields_from(TrainConfig, TRAIN_SETTINGS, heading="every trial's training (jobs.train's flags)")
 class TuneJobConfig:
     """Search training hyper-parameters with Ray Tune (ASHA early stopping, random or Optuna search)."""
 
-    data_dir: str = option(help="prepared data set (jobs.prepare's DATA)")
     run_dir: str = option(help="run folder; results go to RUN/tune/<backbone>/")
     backbone: str = option("resnet50", help="the backbone to tune")
-    preset: Preset = option("quick", help="smoke: seconds, for tests; quick: ~15 min on a CPU; full: GPUs")
     num_samples: int | None = option(None, help="trials to run (default: by preset)")
     search: Literal["random", "optuna"] = option("random", help="random sampling or Optuna's TPE")
     space: str = option("", help="YAML search space {key: {uniform|loguniform|choice|grid: [...]}} "
@@ -42,23 +48,25 @@ class TuneJobConfig:
     max_concurrent: int | None = option(None, help="trials at once (default: what the cluster fits)")
     grace_period: int | None = option(None, help="ASHA: epochs every trial runs before it can be stopped")
     reduction_factor: float | None = option(None, help="ASHA: keep the best 1/N at each rung")
-    epochs: int | None = option(None, help="epochs per trial (default: by preset)")
-    train_per_class: int | None = option(None, help="train images per class in each trial (0 = all)")
-    val_per_class: int | None = option(None, help="val images per class for the trials' mAP@5 (0 = all)")
-    weights: str = option("", help="imagenet | none | PATH (default: by preset)")
-    num_workers: int | None = option(None, help="Ray Train workers per trial (default: 1)")
-    use_gpu: UseGpu = option("auto", help=USE_GPU_HELP)
+    # run_dir above and these have jobs.train's names but a tune's meanings, so they are declared here
     storage: str = option("", help="Tune's and the trials' Ray Train state: a path or s3://... "
                                    "(default: RUN/tune/<backbone>)")
     max_failures: int = option(2, help="retries of a failed trial (it resumes from its last checkpoint)")
     seed: int = option(0, help="seed of the search and of every trial's training")
 
     def __post_init__(self) -> None:
-        check_backbones([self.backbone])
-        check_ranges(self, positive=("num_samples", "max_concurrent", "grace_period", "epochs", "num_workers"),
-                     non_negative=("train_per_class", "val_per_class", "max_failures", "seed"))
+        check_ranges(self, positive=("num_samples", "max_concurrent", "grace_period"),
+                     non_negative=("max_failures", "seed"))
         if self.reduction_factor is not None and self.reduction_factor <= 1:
             raise UserError(f"--reduction-factor must be greater than 1, got {self.reduction_factor}")
+        self.train_config()  # jobs.train's checks of the backbone and the training settings, now
+
+    def train_config(self, **overrides: Any) -> TrainConfig:
+        """The training config every trial starts from (before the preset and the space): this tune's
+        training settings, those left at None dropped so that ``overrides`` (the tune preset's) fill them."""
+        given = {key: value for key, value in borrowed(self, TrainConfig).items() if value is not None}
+        return TrainConfig(run_dir=self.run_dir, backbones=(self.backbone,), seed=self.seed,
+                           **{**overrides, **given})
 
 
 class TuneFailed(Exception):
@@ -78,17 +86,16 @@ def tune_backbone(cfg: TuneJobConfig) -> Path:
         if importlib.util.find_spec("optuna") is None:
             raise UserError("--search optuna needs the optuna package: pip install optuna")
     # A bad space stops the job above, before Ray, Train and Tune are imported (seconds).
-    from onray.plan import cluster_cpus_gpus, plan_trials
+    from lib.planning import plan_trials
+    from onray.plan import cluster_cpus_gpus
     from onray.runtime import check_shared_storage, init_ray, on_cluster
     from onray.trainer import check_weights, plan, training_subsets
     from tuning import driver, report
 
     preset = driver.TUNE_PRESETS[cfg.preset]
-    given = {k: getattr(cfg, k) for k in ("epochs", "train_per_class", "val_per_class") if getattr(cfg, k) is not None}
-    # Ray Train restarts no workers itself: Tune's retry of the trial resumes it from its checkpoint.
-    base = TrainConfig(data_dir=cfg.data_dir, run_dir=cfg.run_dir, backbones=(cfg.backbone,), preset=cfg.preset,
-                       weights=cfg.weights, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, seed=cfg.seed,
-                       max_failures=0, **{**preset["train"], **given, **fixed_values(space)}).resolve()
+    # A space's fixed values win over the flags. Ray Train restarts no workers itself: Tune's retry of the
+    # trial resumes it from its checkpoint.
+    base = dataclasses.replace(cfg.train_config(**preset["train"]), max_failures=0, **fixed_values(space)).resolve()
     data = PreparedData.open(cfg.data_dir)
     out = ensure_writable_dir(RunPaths.of(cfg.run_dir).tune(cfg.backbone))
     settings = {"search": cfg.search, "num_samples": cfg.num_samples or preset["num_samples"],
@@ -136,6 +143,17 @@ def tune_backbone(cfg: TuneJobConfig) -> Path:
         f"{', '.join(f'{k} {best[k]:.4g}' if isinstance(best[k], float) else f'{k} {best[k]}' for k in searched_keys(space))}"
         f" -> {out / 'best.json'} (jobs.train --hparams)")
     return out / "best.json"
+
+
+def tune_pipeline_backbone(cfg: PipelineConfig, backbone: str) -> Path:
+    """The pipeline's tune stage for one backbone (:func:`onray.pipeline.run_pipeline`): a tune into the
+    pipeline's RUN with its storage, seed and those of its training settings a tune takes too, except the trial
+    sizes, which stay the tune preset's; returns the backbone's ``best.json``."""
+    run = RunPaths.of(cfg.run_dir)
+    shared = {key: value for key, value in borrowed(cfg, TrainConfig).items()
+              if key in TRAIN_SETTINGS and key not in TRIAL_SIZES}
+    return tune_backbone(TuneJobConfig(data_dir=str(run.data), run_dir=str(run.root), backbone=backbone,
+                                       storage=cfg.storage, seed=cfg.seed, **shared))
 
 
 def _check_same_tune(out: Path, identity: dict) -> None:

@@ -101,7 +101,8 @@ def test_gpu_workers_come_up_from_zero_when_training_asks_for_them(fake_cluster)
         init_ray()
         assert ray.cluster_resources().get("GPU", 0) == 0
         from lib.errors import UserError
-        from onray.plan import cluster_cpus_gpus, plan_training, reachable_gpus
+        from lib.planning import plan_training
+        from onray.plan import cluster_cpus_gpus, reachable_gpus
         cpus, gpus = cluster_cpus_gpus()
         cfg = TrainConfig(data_dir="/d", run_dir="/r", backbones=("resnet50", "vgg16"), preset="full").resolve()
         shape = plan_training(cfg.use_gpu, cfg.num_workers, 2, cpus, reachable_gpus(cfg.use_gpu, gpus))

@@ -19,8 +19,9 @@ from lib.devices import available_cpus
 from lib.embedding import model_sources
 from lib.errors import UserError
 from lib.io import write_json
+from lib.planning import MAX_CPU_ACTORS_PER_NODE, cpu_actors_per_node
 from lib.training import TrainConfig
-from onray.plan import MAX_CPU_ACTORS_PER_NODE, actor_plan, cpu_actors_per_node
+from onray.plan import actor_plan
 from tests.conftest import CLASSES, make_image_folder
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -141,11 +142,12 @@ def test_untrained_embeddings_are_reproducible(evaluated):
     from lib.dataset import PreparedData
     from lib.embedding import ModelSource, embed_loop, load_embedding_model, read_embeddings
 
-    ids, _, stored = read_embeddings(run, "vgg16-untrained", "test")
+    stored = read_embeddings(run, "vgg16-untrained", "test")
+    ids = stored.ids
     source = ModelSource("vgg16-untrained", "vgg16", "none", 128, 32, seed=0)
     again = embed_loop(source, load_embedding_model(source), PreparedData.open(data).images_by_id("test", list(ids[:4])),
                        batch_size=4)
-    assert np.allclose(again, stored[:4], atol=1e-5)
+    assert np.allclose(again, stored.vectors[:4], atol=1e-5)
 
 
 def test_rerun_does_no_work_and_a_changed_flag_reuses_the_embeddings(evaluated):
@@ -223,7 +225,7 @@ def test_one_cpu_embedding_actor_per_core_up_to_the_cap(node_cpus, cores, expect
 def test_the_local_ray_embeds_with_one_single_threaded_actor_per_core():
     plan = actor_plan("auto")  # the session Ray: 4 logical CPUs on this machine, no GPU
     cores = available_cpus()
-    assert plan["on_gpu"] is False and plan["num_gpus"] == 0
-    assert plan["actors"] == min(cores, 4, MAX_CPU_ACTORS_PER_NODE) == plan["actors_per_node"]
+    assert plan.on_gpu is False and plan.gpus_per_actor == 0
+    assert plan.actors == min(cores, 4, MAX_CPU_ACTORS_PER_NODE) == plan.actors_per_node
     with pytest.raises(UserError, match="no GPUs"):
         actor_plan("true")

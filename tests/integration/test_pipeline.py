@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from jobs import pipeline
+from onray import pipeline as stages
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -61,8 +62,8 @@ def test_a_run_interrupted_after_training_resumes_at_evaluation(images, tmp_path
     run = tmp_path / "run"
     cfg = pipeline.PipelineConfig(source=f"imagefolder:{images}", run_dir=str(run), preset="smoke",
                                   backbones=("resnet50",), include_untrained=False)
-    pipeline.prepare_stage(cfg)  # what a run that died during evaluation left behind
-    pipeline.train_stage(cfg, {})
+    stages.prepare_stage(cfg)  # what a run that died during evaluation left behind
+    stages.train_stage(cfg, {})
     trained = {b: (run / "models" / b / "model.pt").stat().st_mtime_ns for b in cfg.backbones}
     assert not (run / "eval" / "metrics.json").exists()
 

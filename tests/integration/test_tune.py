@@ -14,8 +14,8 @@ from PIL import Image
 
 from jobs import prepare, tune
 from lib.config import parse_config
+from lib.planning import plan_trials as concurrent_trials
 from lib.training import HPARAM_KEYS, METRIC, PRESETS, TrainConfig
-from onray.plan import plan_trials as concurrent_trials
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

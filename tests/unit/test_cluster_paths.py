@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from jobs import evaluate, pipeline, prepare, train
-from onray.plan import launcher_max_gpus
+from lib.planning import launcher_max_gpus
 
 REPO = Path(__file__).resolve().parents[2]
 

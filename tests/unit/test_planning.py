@@ -4,7 +4,7 @@ import pytest
 
 from lib.devices import resolve_use_gpu
 from lib.errors import UserError
-from onray.plan import TrainPlan, cpu_actors_per_node, plan_training, plan_trials
+from lib.planning import ActorPlan, TrainPlan, cpu_actors_per_node, plan_actors, plan_training, plan_trials
 
 
 @pytest.mark.parametrize(("use_gpu", "gpus", "expected"), [
@@ -81,6 +81,19 @@ def test_trials_leave_room_for_workers_and_ray_data():
     ([(16, None)] * 2, 16),               # capped at MAX_CPU_ACTORS_PER_NODE (8) per node
 ])
 def test_embedding_actors_leave_a_cpu_to_the_read_tasks(nodes, expected):
-    from onray.plan import plan_cpu_actors
+    from lib.planning import plan_cpu_actors
 
     assert plan_cpu_actors(nodes) == expected
+
+
+@pytest.mark.parametrize(("on_gpu", "gpus", "nodes", "num_actors", "expected"), [
+    (False, 0, [(4, 2)], 0, ActorPlan(actors=2, on_gpu=False, actors_per_node=2)),   # one per core
+    (True, 4, [(8, None), (8, None)], 0, ActorPlan(actors=4, on_gpu=True, actors_per_node=2)),  # one per GPU
+    (True, 8, [(4, None)], 0, ActorPlan(actors=3, on_gpu=True, actors_per_node=3)),  # a CPU each: 3 beside the reader
+    (False, 0, [(4, 2)], 3, ActorPlan(actors=3, on_gpu=False, actors_per_node=3)),   # --num-actors, room for it
+    (False, 0, [(2, None)], 5, ActorPlan(actors=1, on_gpu=False, actors_per_node=1)),  # capped at the room
+])
+def test_embedding_actor_pools_over_cluster_shapes(on_gpu, gpus, nodes, num_actors, expected):
+    plan = plan_actors(on_gpu, gpus, nodes, num_actors)
+    assert plan == expected
+    assert (plan.gpus_per_actor, plan.cpus_per_actor) == ((1, 1) if on_gpu else (0, 1))

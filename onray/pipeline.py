@@ -1,0 +1,111 @@
+"""``jobs.pipeline``'s stages on Ray: prepare -> (tune) -> train -> evaluate under one RUN.
+
+Data goes to ``RUN/data``, models to ``RUN/models``, tuning to ``RUN/tune``, the report to ``RUN/eval``
+(:mod:`lib.paths`). Every stage skips work whose outputs are complete, so rerunning after a crash (or after a
+finished run) resumes where it stopped. Stage timings go to ``RUN/pipeline.json``.
+
+The tune stage is Ray Tune's, a layer above this one (:mod:`tuning`): :func:`run_pipeline` takes it as a
+function of (config, backbone) -> that backbone's ``best.json``, which the job passes in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lib.config import to_dict
+from lib.console import log
+from lib.evaluation import EvaluateConfig
+from lib.io import ensure_writable_dir, write_json
+from lib.paths import RunPaths
+from lib.pipeline import PipelineConfig
+from onray.evaluate import evaluate_run
+from onray.prepare import prepare_data
+from onray.runtime import check_cluster_paths, init_ray
+from onray.trainer import BackboneFailed, train_backbones
+
+# (config, backbone) -> the backbone's best.json: :func:`tuning.run.tune_pipeline_backbone`
+TuneBackbone = Callable[[PipelineConfig, str], Path]
+
+
+def prepare_stage(cfg: PipelineConfig) -> None:
+    prepare_data(cfg.prepare_config())
+
+
+def tune_stage(cfg: PipelineConfig, tune_backbone: TuneBackbone) -> dict[str, str]:
+    """Tune each backbone (a finished tune is not rerun); returns backbone -> its best.json."""
+    return {backbone: str(tune_backbone(cfg, backbone)) for backbone in cfg.backbones}
+
+
+def train_stage(cfg: PipelineConfig, best: dict[str, str]) -> None:
+    """All backbones concurrently; with tuning results, each backbone takes its own best.json."""
+    if not best:
+        train_backbones(cfg.train_config())
+        return
+    failures: dict[str, str] = {}
+    for backbone in cfg.backbones:  # hyper-parameters differ per backbone: one training each
+        try:
+            train_backbones(cfg.train_config((backbone,), best[backbone]))
+        except BackboneFailed as err:
+            failures.update(err.failures)
+    if failures:
+        raise BackboneFailed(failures)
+
+
+def evaluate_stage(cfg: PipelineConfig) -> Path:
+    out, table = evaluate_run(EvaluateConfig(
+        data_dir=str(RunPaths.of(cfg.run_dir).data), run_dir=cfg.run_dir, backbones=cfg.backbones,
+        include_untrained=cfg.include_untrained, use_gpu=cfg.use_gpu, precision=cfg.precision, seed=cfg.seed))
+    print(table, end="")
+    return out
+
+
+def run_pipeline(cfg: PipelineConfig, tune_backbone: TuneBackbone | None = None) -> Path:
+    """Every stage of ``cfg`` in turn; returns ``RUN/eval``. ``tune_backbone`` runs the tune stage
+    (``cfg.tune``). When some backbones fail to train, the others are still evaluated and
+    :class:`BackboneFailed` is raised after."""
+    if cfg.tune and tune_backbone is None:
+        raise TypeError("--tune needs the tune stage: run_pipeline(cfg, tune_backbone=...)")
+    check_cluster_paths(run_dir=cfg.run_dir, storage=cfg.storage)
+    run = RunPaths.of(cfg.run_dir)
+    cfg = dataclasses.replace(cfg, run_dir=str(run.root))
+    ensure_writable_dir(run.root)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def stage(name: str, work, *args) -> Any:
+        log(f"pipeline: {name} ...")
+        began = time.perf_counter()
+        result = work(*args)
+        timings[name] = round(time.perf_counter() - began, 1)
+        log(f"pipeline: {name} done in {timings[name] / 60:.1f} min")
+        return result
+
+    stage("prepare", prepare_stage, cfg)
+    init_ray()
+    best = stage("tune", tune_stage, cfg, tune_backbone) if cfg.tune else {}
+    try:
+        stage("train", train_stage, cfg, best)
+    except BackboneFailed as err:
+        # the backbones that trained are still evaluated; the exit code still says something failed
+        log(f"pipeline: {err}; evaluating the ones that finished")
+        trained = tuple(b for b in cfg.backbones if b in run.trained_backbones())
+        if not trained:
+            raise
+        stage("evaluate", evaluate_stage, dataclasses.replace(cfg, backbones=trained))
+        _finish(cfg, run, timings, started)
+        raise
+    out = stage("evaluate", evaluate_stage, cfg)
+    _finish(cfg, run, timings, started)
+    return out
+
+
+def _finish(cfg: PipelineConfig, run: RunPaths, timings: dict[str, float], started: float) -> None:
+    total = round(time.perf_counter() - started, 1)
+    write_json(run.pipeline_record, {"stages_seconds": timings, "total_seconds": total, "config": to_dict(cfg)})
+    print(f"\npipeline finished in {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())})")
+    print(f"report:   {run.eval / 'results.md'}\nmetrics:  {run.eval / 'metrics.json'}")
+    print("pictures: " + ", ".join(str(p) for p in sorted(run.eval.glob("*.png"))))
