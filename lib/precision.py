@@ -3,7 +3,7 @@
 ``auto`` picks bf16 on GPUs that run it natively (compute capability 8.0 and up: A100, H100/H200, L4,
 RTX 30xx and later; a T4 or V100 would emulate it slowly, so they run float32) and on CPUs with bf16 matrix
 instructions (Intel AMX-BF16 or AVX512-BF16), where oneDNN's bf16 convolutions measured 1.5-3x the float32 images/s for the three
-backbones at 32 px (README "Results"); everywhere else float32. Weights, optimiser state and the loss
+backbones at 32 px (docs/results.md, "bf16 on the CPU"); everywhere else float32. Weights, optimiser state and the loss
 stay float32 (autocast), and embeddings leave the model as float32.
 """
 
