@@ -105,3 +105,21 @@ def test_resizing_in_chunks_equals_resizing_in_one_go():
     whole = resize_batch(images, 64, chunk=len(images))
     assert torch.equal(resize_batch(images, 64, chunk=8), whole)
     assert whole.shape == (37, 3, 64, 64) and whole.dtype == torch.uint8
+
+
+def test_one_pass_embeds_with_every_model_as_each_alone_would(monkeypatch):
+    import lib.embedding as embedding
+
+    sources = [embedding.ModelSource(f"m{i}", "resnet50", "none", 8, size, seed=i)
+               for i, size in enumerate((32, 48, 32))]
+    models = [embedding.load_embedding_model(source) for source in sources]
+    images = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    alone = [embedding.embed_loop(source, model, images, batch_size=4) for source, model in zip(sources, models, strict=True)]
+    resized = []
+    real_resize = embedding.resize_batch
+    monkeypatch.setattr(embedding, "resize_batch", lambda batch, size: resized.append(size) or real_resize(batch, size))
+    bf16 = [embedding.uses_bf16(source.precision, torch.device("cpu")) for source in sources]
+    together = embedding.embed_with_models(models, sources, images, torch.device("cpu"), bf16, chunk=4)
+    for one, other in zip(alone, together, strict=True):
+        np.testing.assert_allclose(other, one, rtol=0, atol=1e-5)
+    assert sorted(resized) == [32, 32, 32, 48, 48, 48]  # 3 chunks x 2 distinct sizes, not x 3 models
