@@ -89,6 +89,21 @@ def test_cpu_head_and_gpu_workers_that_scale_from_zero(cluster_config):
     assert "/home/ray/cifar-embeddings" in cluster_config["file_mounts"]
 
 
+DLAMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
+
+
+def test_every_node_boots_a_current_driver_image_that_rays_launcher_keeps(cluster_config):
+    """Without an ImageId (or with "latest_dlami") Ray's AWS launcher substitutes its built-in 2023 Ubuntu 18.04
+    DLAMI, whose driver is older than 570 (ray/autoscaler/_private/aws/config.py, _check_ami; that module needs
+    boto3, which the project does not install). Every node type names the current DLAMI through EC2's
+    launch-time SSM resolution instead, which the launcher passes on unchanged."""
+    for name, spec in cluster_config["available_node_types"].items():
+        image = spec["node_config"].get("ImageId", "")
+        assert image == f"resolve:ssm:{DLAMI_PARAMETER}", name
+        assert image.lower() not in ("", "latest_dlami")
+    assert DLAMI_PARAMETER in CLUSTER_YAML.read_text().split("cluster_name:")[0]  # how to pin it is documented
+
+
 def test_one_cuda_12_stack_torch_from_the_matching_index_before_the_project(cluster_config):
     image = cluster_config["docker"]["image"]
     tag = image.rsplit(":", 1)[1]
