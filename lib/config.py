@@ -29,9 +29,11 @@ C = TypeVar("C")
 _MISSING = dataclasses.MISSING
 
 
-def option(default: Any = _MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002 - argparse's name
-    """A dataclass field with ``--help`` text; ``default`` omitted makes the flag required."""
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+def option(default: Any = _MISSING, help: str = "", positional: bool = False,  # noqa: A002 - argparse's name
+           **kwargs: Any) -> Any:
+    """A dataclass field with ``--help`` text; ``default`` omitted makes the flag required. ``positional``: a
+    ``tuple[str, ...]`` field taken from the command line's positional arguments (one or more) instead of a flag."""
+    return dataclasses.field(default=default, metadata={"help": help, "positional": positional}, **kwargs)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -195,6 +197,12 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
                 kwargs["metavar"] = "A,B,..."
             else:
                 kwargs["metavar"] = f.name.upper()
+        if f.metadata.get("positional"):
+            if typing.get_origin(tp) is not tuple:
+                raise TypeError(f"positional field {f.name} must be a tuple")
+            parser.add_argument(f.name, nargs="+" if required else "*", type=str, metavar=f.name.rstrip("s").upper(),
+                                help=kwargs["help"])
+            continue
         if required:
             kwargs["help"] += " (required)"
         else:
