@@ -21,7 +21,7 @@ from lib.devices import available_cpus, cuda_unusable_reason
 from lib.embedding import (
     SOURCE_FILE,
     ModelSource,
-    embed_images,
+    embed_with_models,
     load_embedding_model,
     up_to_date,
     write_split,
@@ -54,8 +54,8 @@ class EmbedBatches:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {key: value for key, value in batch.items() if key != "image"}
-        for i, (source, model) in enumerate(zip(self.sources, self.models, strict=True)):
-            out[f"embedding_{i}"] = embed_images(model, batch["image"], source.image_size, self.device, self.bf16[i])
+        vectors = embed_with_models(self.models, self.sources, batch["image"], self.device, self.bf16)
+        out.update({f"embedding_{i}": v for i, v in enumerate(vectors)})
         return out
 
 

@@ -43,8 +43,16 @@ def busy_share(utilisation: list[float]) -> str:
             f"{len(utilisation)} s")
 
 
+def samples_file(out: Path, work: Path, stage: str) -> Path:
+    """Where the nvidia-smi samples of ``stage`` are: ``WORK/logs/`` (packed into OUT/logs.tar.gz), else OUT."""
+    in_work = work / "logs" / f"gpu-{stage}.csv"
+    return in_work if in_work.exists() else out / f"gpu-{stage}.csv"
+
+
 def main(out: Path, work: Path, gpu: str) -> None:
     print(f"# GPU check: {gpu}\n")
+    if (out / "probe.txt").exists():
+        print("\n".join(f"- {line}" for line in (out / "probe.txt").read_text().splitlines() if line.strip()) + "\n")
     steps = (out / "steps.txt").read_text() if (out / "steps.txt").exists() else "(no steps ran)\n"
     print("```\n" + steps.rstrip() + "\n```\n")
 
@@ -63,7 +71,7 @@ def main(out: Path, work: Path, gpu: str) -> None:
         val = (f"{summary['untrained']['val_map@5']:.3f} -> {summary['best']['val_map@5']:.3f}"
                if "best" in summary else "unfinished")
         print(f"| {model.parent.name} | {rate} | {peak:.1f} | {val} |")
-    utilisation, memory = gpu_samples(out / "gpu-train.csv")
+    utilisation, memory = gpu_samples(samples_file(out, work, "train"))
     print(f"\nGPU during jobs.train: utilisation {busy_share(utilisation)}; memory used at most "
           f"{max(memory, default=0) / 1024:.1f} GiB (nvidia-smi, all processes).\n")
 
@@ -88,7 +96,7 @@ def main(out: Path, work: Path, gpu: str) -> None:
         print(f"- embedding {embed['images']} images x {len(embed['backbones'])} networks at {embed['image_size']} px: "
               f"Ray Data actor pool {ray['embeddings_per_s']} embeddings/s ({ray['wall_s']} s) vs plain loop "
               f"{baseline['embeddings_per_s']} ({baseline['wall_s']} s) -> {embed['ratio_ray_over_plain']}x")
-    utilisation, _ = gpu_samples(out / "gpu-evaluate.csv")
+    utilisation, _ = gpu_samples(samples_file(out, work, "evaluate"))
     print(f"- GPU during jobs.evaluate: utilisation {busy_share(utilisation)}\n")
     metrics = load_json(work / "run" / "eval" / "metrics.json") or {}
     if metrics.get("models"):

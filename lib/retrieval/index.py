@@ -1,13 +1,15 @@
-"""Exact nearest-neighbour search with faiss: the search layer of :mod:`lib.retrieval`.
+"""Exact nearest-neighbour search: the search layer of :mod:`lib.retrieval`.
 
 :func:`knn` (or :func:`build_index` + :func:`search` for many query chunks against one gallery)
-wraps a faiss flat inner-product index, on the GPU when faiss has GPU support and a GPU is
-visible. Embeddings are float32 and L2-normalised (:func:`l2_normalize`), so the inner product is
-the cosine similarity and the search is exact.
+wraps a faiss flat inner-product index on the CPU, or on the GPU where this process's faiss build was
+probed to search correctly on it (:mod:`lib.retrieval.faiss_gpu`); on any other CUDA GPU the same exact
+search runs in torch (:mod:`lib.retrieval.torch_search`). Embeddings are float32 and L2-normalised
+(:func:`l2_normalize`), so the inner product is the cosine similarity and the search is exact.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -116,26 +118,44 @@ def l2_normalize(embeddings: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 
 def gpu_available() -> bool:
-    """True when this faiss build has GPU support and sees at least one GPU."""
-    return faiss_gpus() > 0
+    """True when exact search can run on a GPU here: with faiss (:func:`faiss_gpus`) or with torch."""
+    return faiss_gpus() > 0 or torch_gpus() > 0
 
 
 def faiss_gpus() -> int:
-    """GPUs this faiss build can use (0 without GPU support)."""
-    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+    """GPUs this faiss build can search on: 0 without GPU support, and 0 where the probe found that its kernels
+    do not run on this device (:func:`lib.retrieval.faiss_gpu.probe`: an abort there cannot be caught here)."""
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        return 0
+    from lib.retrieval.faiss_gpu import probe
+
+    return faiss.get_num_gpus() if probe().usable else 0
+
+
+def torch_gpus() -> int:
+    """CUDA devices torch can use in this process (0 on a CPU build); never initialises CUDA when torch is absent
+    from the process and unimportable."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def resolve_use_gpu(use_gpu: UseGpu) -> bool:
-    """``"auto"`` -> a GPU if faiss sees one; ``True``/``"true"`` insist on one, ``False``/``"false"`` never
-    (:func:`lib.devices.resolve_use_gpu` over :func:`faiss_gpus`)."""
-    return devices.resolve_use_gpu(use_gpu, faiss_gpus(), "faiss", "it needs faiss-gpu on a CUDA machine")
+    """``"auto"`` -> a GPU if exact search can run on one here (:func:`gpu_available`); ``True``/``"true"`` insist
+    on one, ``False``/``"false"`` never (:func:`lib.devices.resolve_use_gpu`)."""
+    gpus = max(faiss_gpus(), torch_gpus())
+    return devices.resolve_use_gpu(use_gpu, gpus, "this process", "exact search needs a CUDA GPU for torch or faiss")
 
 
 @dataclass
 class GalleryIndex:
-    """A faiss exact inner-product index over a gallery of ``size`` (N, D) float32 embeddings.
+    """An exact inner-product index over a gallery of ``size`` (N, D) float32 embeddings.
 
-    ``resources`` keeps the GPU memory pool alive as long as the GPU index that uses it.
+    ``index`` is a faiss index, or for ``engine="torch"`` the gallery as a CUDA tensor. ``resources`` keeps
+    faiss's GPU memory pool alive as long as the GPU index that uses it (one pool per process: see
+    :func:`_gpu_resources`).
     """
 
     index: Any
@@ -143,6 +163,14 @@ class GalleryIndex:
     dim: int
     on_gpu: bool
     resources: Any = None
+    engine: Literal["faiss", "torch"] = "faiss"
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_resources() -> Any:
+    """faiss's GPU memory pool (about 1.5 GiB outside torch's allocator): made once and shared by every GPU index
+    of this process."""
+    return faiss.StandardGpuResources()
 
 
 def _as_search_array(embeddings: np.ndarray, name: str) -> np.ndarray:
@@ -159,11 +187,17 @@ def build_index(gallery: np.ndarray, use_gpu: UseGpu = "auto", max_k: int | None
     index stays on the CPU even when a GPU is available (faiss's GPU search cannot return more).
     """
     gallery = _as_search_array(gallery, "gallery")
-    on_gpu = resolve_use_gpu(use_gpu) and (max_k is None or max_k <= GPU_MAX_K)
+    wants_gpu = resolve_use_gpu(use_gpu)
+    if wants_gpu and faiss_gpus() == 0:  # a GPU faiss has no kernels for (or a faiss without GPUs): torch
+        import torch
+
+        return GalleryIndex(index=torch.from_numpy(gallery).to("cuda"), size=gallery.shape[0], dim=gallery.shape[1],
+                            on_gpu=True, engine="torch")
+    on_gpu = wants_gpu and (max_k is None or max_k <= GPU_MAX_K)
     index = faiss.IndexFlatIP(gallery.shape[1])
     resources = None
     if on_gpu:
-        resources = faiss.StandardGpuResources()
+        resources = _gpu_resources()
         index = faiss.index_cpu_to_gpu(resources, 0, index)
     index.add(gallery)
     return GalleryIndex(index=index, size=gallery.shape[0], dim=gallery.shape[1], on_gpu=on_gpu,
@@ -202,6 +236,10 @@ def search(index: GalleryIndex, queries: np.ndarray, k: int,
     if not 1 <= k <= available:
         raise UserError(f"cannot retrieve k={k} neighbours from a gallery of {index.size} items"
                         + (" (the query itself excluded)" if self_rows is not None else ""))
+    if index.engine == "torch":
+        from lib.retrieval.torch_search import torch_knn
+
+        return torch_knn(queries, index.index, k, self_rows=self_rows)
     extra = 1 if self_rows is not None else 0
     if index.on_gpu and k + extra > GPU_MAX_K:
         raise ValueError(f"k={k + extra} exceeds the GPU limit {GPU_MAX_K}; build the index with max_k")

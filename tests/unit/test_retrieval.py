@@ -135,10 +135,10 @@ def test_search_errors_are_user_errors():
         knn(points, points, 2, use_gpu="sometimes")
 
 
-@pytest.mark.skipif(gpu_available(), reason="a GPU is visible to faiss here")
+@pytest.mark.skipif(gpu_available(), reason="exact search can use a GPU here")
 def test_insisting_on_a_gpu_without_one_is_a_user_error():
     points = random_unit(np.random.default_rng(3), 10, 4)
-    with pytest.raises(UserError, match="--use-gpu true, but faiss has no GPUs"):
+    with pytest.raises(UserError, match="--use-gpu true, but this process has no GPUs"):
         knn(points, points, 2, use_gpu=True)
 
 
