@@ -25,6 +25,7 @@ STAGES = {
     "search": ("jobs.search", "nearest train images of image files or test ids, from the saved index"),
     "serve": ("jobs.serve", "browse a run and search it over HTTP: a Ray Serve app and a page"),
     "pipeline": ("jobs.pipeline", "prepare, (tune,) train and evaluate under one RUN; reruns resume"),
+    "compare": ("jobs.compare", "metrics of evaluated runs side by side; --fail-on-drop gates a regression"),
     "benchmark": ("jobs.benchmark", "measure the Ray paths against plain baselines"),
 }
 

@@ -36,9 +36,11 @@ BORROWED_FROM = "borrowed_from"
 HEADING = "heading"  # metadata key: the --help section of a field from fields_from
 
 
-def option(default: Any = _MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002 - argparse's name
-    """A dataclass field with ``--help`` text; ``default`` omitted makes the flag required."""
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+def option(default: Any = _MISSING, help: str = "", positional: bool = False,  # noqa: A002 - argparse's name
+           **kwargs: Any) -> Any:
+    """A dataclass field with ``--help`` text; ``default`` omitted makes the flag required. ``positional``: a
+    ``tuple[str, ...]`` field taken from the command line's positional arguments (one or more) instead of a flag."""
+    return dataclasses.field(default=default, metadata={"help": help, "positional": positional}, **kwargs)
 
 
 def fields_from(source: type, names: Sequence[str], heading: str = "") -> Callable[[type[C]], type[C]]:
@@ -247,6 +249,12 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
                 kwargs["metavar"] = "A,B,..."
             else:
                 kwargs["metavar"] = f.name.upper()
+        if f.metadata.get("positional"):
+            if typing.get_origin(tp) is not tuple:
+                raise TypeError(f"positional field {f.name} must be a tuple")
+            parser.add_argument(f.name, nargs="+" if required else "*", type=str, metavar=f.name.rstrip("s").upper(),
+                                help=kwargs["help"])
+            continue
         if required:
             kwargs["help"] += " (required)"
         else:

@@ -57,6 +57,21 @@ def test_smoke_pipeline_end_to_end_then_a_rerun_does_no_work(images, tmp_path, c
         f"models/{b}/model.pt": (run / "models" / b / "model.pt").stat().st_mtime_ns for b in BACKBONES.split(",")}
     assert after == before  # nothing was prepared, trained or evaluated again
 
+    # jobs.compare of this run against a copy whose resnet50 lost 0.2 of test mAP@5 (L): the gate fails on it alone
+    from jobs import compare
+
+    worse = tmp_path / "worse"
+    (worse / "eval").mkdir(parents=True)
+    metrics["models"]["resnet50"]["L"]["map@5"] -= 0.2
+    (worse / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    assert compare.cli([str(run), str(worse), "--out-dir", str(tmp_path / "cmp"), "--fail-on-drop", "0.05"]) == 1
+    printed = capsys.readouterr()
+    assert "## stacked" in printed.out and "| mAP@5 L |" in printed.out
+    gate = printed.err.strip().splitlines()[-1]
+    assert gate.startswith("jobs.compare: 1 drop(s) beyond the gate: resnet50 mAP@5 L fell"), gate
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+    assert compare.cli([str(run), str(run), "--out-dir", str(tmp_path / "cmp"), "--fail-on-drop", "0"]) == 0
+
 
 def test_a_run_interrupted_after_training_resumes_at_evaluation(images, tmp_path):
     run = tmp_path / "run"
