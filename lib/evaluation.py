@@ -29,7 +29,9 @@ from lib.precision import PRECISION_HELP, Precision
 from lib.report import STACKED, grid_query_rows, model_entry, seeded_subset
 
 OUTPUTS = ("results.md", "tsne.png", "clusters.png", "retrieval_grid.png", "embeddings.csv", "index.faiss",
-           "index_rows.parquet", "index.json")
+           "index_rows.parquet", "index.json", "near_duplicates.parquet", "near_duplicates.png")
+# metrics.json key of protocol G scored without the test queries that have a near-duplicate in train
+G_CLEAN = "G_without_near_duplicates"
 TSNE_THREADED_FROM = 5000  # points
 
 
@@ -70,9 +72,15 @@ class EvaluateConfig:
     csv_rows: int = option(2000, help="test rows per model in embeddings.csv (a seeded subset; 0 = all)")
     stack_projection: Literal["lda", "pca"] = option("lda", help="stacked embedding's projection (fit on train+val)")
     seed: int = option(0, help="seed of untrained networks, subsets, K-Means and t-SNE")
+    near_duplicate_threshold: float = option(0.95, help="a test image whose nearest train image has at least this "
+                                                        "pixel-signature cosine similarity is a near-duplicate "
+                                                        "(lib.duplicates); protocol G is also scored without them")
 
     def __post_init__(self) -> None:
         from lib.backbones import check_backbones
+
+        if not 0.0 < self.near_duplicate_threshold <= 1.0:
+            raise UserError(f"--near-duplicate-threshold must be in (0, 1], got {self.near_duplicate_threshold}")
 
         if self.backbones:
             check_backbones(self.backbones)
@@ -137,18 +145,55 @@ def stacked_model(cfg: EvaluateConfig, embeddings: dict[str, Splits], names: lis
                     "stacked_from": names}
 
 
-def score_model(name: str, splits: Splits, use_gpu: str, extra: dict) -> dict[str, Any]:
-    """Retrieval under protocols L and G, and the linear probe, as a ``metrics.json`` model entry."""
-    from lib.retrieval.protocols import evaluate_protocols, linear_probe
+def score_model(name: str, splits: Splits, use_gpu: str, extra: dict,
+                leaked_ids: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Retrieval under protocols L and G, and the linear probe, as a ``metrics.json`` model entry; with
+    ``leaked_ids`` (test ids with a near-duplicate in train) protocol G again without those queries (``G_CLEAN``)."""
+    from lib.retrieval.protocols import evaluate_protocol, evaluate_protocols, linear_probe
 
     train, test = splits.train, splits.test
     detail(f"{name}: retrieval (protocols L and G) and linear probe on {len(test.ids)} test / {len(train.ids)} train")
     protocols = evaluate_protocols(train.vectors, train.labels, test.vectors, test.labels, use_gpu=use_gpu)
     train_acc, test_acc = linear_probe(train.vectors, train.labels, test.vectors, test.labels)
+    clean = ~np.isin(np.asarray(test.ids).astype(str), np.asarray(sorted(leaked_ids), dtype=str))
+    if leaked_ids and clean.any():
+        extra = {**extra, G_CLEAN: evaluate_protocol(test.vectors[clean], test.labels[clean], train.vectors,
+                                                     train.labels, leave_one_out=False, use_gpu=use_gpu)}
     entry = model_entry(protocols, train_acc, test_acc, **extra)
     log(f"{name}: mAP@5 L {entry['L']['map@5']:.3f} G {entry['G']['map@5']:.3f}, kNN acc {entry['knn_acc']:.3f}, "
         f"probe test acc {test_acc:.3f}")
     return entry
+
+
+def find_near_duplicates(cfg: EvaluateConfig, data: PreparedData, out: Path) -> frozenset[str]:
+    """Test images whose nearest train image is a near-duplicate in pixel space (:mod:`lib.duplicates`): written to
+    ``near_duplicates.parquet`` (one row per such test image, most similar first) and drawn in
+    ``near_duplicates.png``; returns their ids. Holds both splits' pixels in memory while it runs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lib.duplicates import nearest_train
+    from lib.plots import near_duplicates_figure, save_figure
+
+    test, train = data.read_split("test"), data.read_split("train")
+    found = nearest_train(test.images, train.images, threshold=cfg.near_duplicate_threshold)
+    rows = np.flatnonzero(found.duplicate)
+    rows = rows[np.argsort(-found.similarity[rows], kind="stable")]
+    pairs = found.train_rows[rows]
+    table = pa.table({"test_id": pa.array(test.ids[rows].astype(str), pa.string()),
+                      "train_id": pa.array(train.ids[pairs].astype(str), pa.string()),
+                      "similarity": pa.array(found.similarity[rows], pa.float32()),
+                      "test_label": pa.array(test.labels[rows], pa.int64()),
+                      "train_label": pa.array(train.labels[pairs], pa.int64())})
+    with atomic_path(out / "near_duplicates.parquet") as tmp:
+        pq.write_table(table, tmp)
+    shown = rows[:24]
+    save_figure(near_duplicates_figure(test.images[shown], train.images[found.train_rows[shown]],
+                                       found.similarity[shown], found.count, len(test), cfg.near_duplicate_threshold),
+                out / "near_duplicates.png")
+    log(f"near-duplicates: {found.count} of {len(test)} test images ({100 * found.share:.2f} %) have a train image "
+        f"at pixel-signature similarity >= {cfg.near_duplicate_threshold} -> {out / 'near_duplicates.parquet'}")
+    return frozenset(test.ids[rows].astype(str))
 
 
 def cluster_model(name: str, test: SplitEmbeddings, seed: int) -> tuple[dict[str, float], np.ndarray]:

@@ -142,6 +142,25 @@ def retrieval_grid_figure(query_images: np.ndarray, query_labels: np.ndarray, ga
     return figure
 
 
+def near_duplicates_figure(test_images: np.ndarray, train_images: np.ndarray, similarities: np.ndarray,
+                           count: int, total: int, threshold: float, columns: int = 6) -> Figure:
+    """Pairs of (N, H, W, 3) uint8 ``test_images`` and their nearest ``train_images``, each pair titled with its
+    similarity: the closest pairs of the near-duplicate check (``count`` of ``total`` test images at ``threshold``)."""
+    pairs = len(test_images)
+    rows = max(1, -(-pairs // columns))
+    figure = Figure(figsize=(columns * 2.0, rows * 1.25 + 0.5))
+    figure.suptitle(f"{count} of {total} test images have a train image at similarity >= {threshold}"
+                    + (f"; the {pairs} closest (test | train)" if pairs else ""), fontsize=9)
+    for i in range(rows * columns):
+        axes = figure.add_subplot(rows, columns, i + 1)
+        axes.set_axis_off()
+        if i < pairs:
+            gap = np.full((test_images.shape[1], 2, 3), 255, np.uint8)
+            axes.imshow(np.concatenate([test_images[i], gap, train_images[i]], axis=1))
+            axes.set_title(f"{similarities[i]:.3f}", fontsize=7)
+    return figure
+
+
 def loss_curve_figure(history: list[dict[str, Any]], title: str = "") -> Figure:
     """``loss_curve.png`` from per-epoch rows: losses (train from epoch 1, val from epoch 0) and val mAP@5 / P@5.
 

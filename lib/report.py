@@ -109,6 +109,20 @@ def results_markdown(metrics: Mapping[str, Any], notes: Iterable[str] = ()) -> s
     return "\n".join(lines) + "\n"
 
 
+def near_duplicates_note(metrics: Mapping[str, Any], leaked: int, test_rows: int, threshold: float) -> str:
+    """The ``results.md`` line on test images with a near-duplicate in train, and protocol G without them."""
+    key = "G_without_near_duplicates"
+    line = (f"Near-duplicates: {leaked} of {test_rows} test images ({100 * leaked / max(1, test_rows):.2f} %) have a "
+            f"train image at pixel-signature cosine similarity >= {threshold} (lib.duplicates; near_duplicates.parquet, "
+            f"near_duplicates.png).")
+    scored = {name: entry[key] for name, entry in metrics["models"].items() if key in entry}
+    if scored:
+        line += " Protocol G without them, mAP@5 (with them): " + ", ".join(
+            f"{name} {values['map@5']:.3f} ({metrics['models'][name]['G']['map@5']:.3f})"
+            for name, values in scored.items()) + "."
+    return line
+
+
 def seeded_subset(n: int, limit: int, seed: int = 0) -> np.ndarray:
     """Sorted row numbers of a seeded random subset of at most ``limit`` of ``n`` rows (all when ``limit`` <= 0)."""
     if limit <= 0 or limit >= n:

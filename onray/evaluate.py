@@ -19,6 +19,7 @@ from lib.evaluation import (
     cluster_model,
     describe_weights,
     export_blocks,
+    find_near_duplicates,
     finished,
     save_index,
     score_model,
@@ -27,7 +28,14 @@ from lib.evaluation import (
 )
 from lib.io import atomic_copy, ensure_writable_dir, write_json, write_text
 from lib.paths import RunPaths
-from lib.report import STACKED, best_model, metrics_document, results_markdown, write_embeddings_csv
+from lib.report import (
+    STACKED,
+    best_model,
+    metrics_document,
+    near_duplicates_note,
+    results_markdown,
+    write_embeddings_csv,
+)
 from onray.embed import ensure_embeddings
 from onray.runtime import check_cluster_paths, check_shared_storage, init_ray
 
@@ -61,9 +69,10 @@ def evaluate_run(cfg: EvaluateConfig) -> tuple[Path, str]:
     models: dict = {}
     if len(stack) >= 2:
         embeddings[STACKED], models[STACKED] = stacked_model(cfg, embeddings, stack)
+    leaked = find_near_duplicates(cfg, data, out)
     clusters, cluster_ids = {}, {}
     for name, splits in embeddings.items():
-        models[name] = score_model(name, splits, cfg.faiss_use_gpu, models.get(name, {}))
+        models[name] = score_model(name, splits, cfg.faiss_use_gpu, models.get(name, {}), leaked)
         clusters[name], cluster_ids[name] = cluster_model(name, splits.test, cfg.seed)
     models = {name: models[name] for name in embeddings}  # report in evaluation order
     best = best_model(models)
@@ -78,7 +87,8 @@ def evaluate_run(cfg: EvaluateConfig) -> tuple[Path, str]:
     metrics = metrics_document(models, clusters, config)
     notes = [f"Models: {', '.join(f'{s.name} ({describe_weights(run, s)})' for s in sources)}. "
              f"Best by mAP@5 G: {best}; t-SNE, clusters and retrieval grid show {best}; "
-             f"the saved index (jobs.search) is {best_single}'s train gallery."]
+             f"the saved index (jobs.search) is {best_single}'s train gallery.",
+             near_duplicates_note(metrics, len(leaked), data.rows("test"), cfg.near_duplicate_threshold)]
     table = results_markdown(metrics, notes)
     write_text(out / "results.md", table)
     write_json(out / "metrics.json", metrics)  # last: marks the evaluation complete

@@ -14,7 +14,7 @@ from PIL import Image
 from jobs import evaluate, prepare
 from lib.backbones import build_model
 from lib.config import to_dict
-from lib.dataset import SPLITS, read_manifest
+from lib.dataset import SPLITS, PreparedData, read_manifest
 from lib.devices import available_cpus
 from lib.embedding import model_sources
 from lib.errors import UserError
@@ -29,6 +29,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 BACKBONES = "resnet50,vgg16"
 MODELS = ("resnet50-untrained", "vgg16-untrained", "stacked")
 _SHARED: dict = {}
+PLANTED = 3  # test images of the first class that are copies of its train images 0-2
 
 
 def run_evaluate(*argv):
@@ -46,6 +47,10 @@ def evaluated_run(tmp_path_factory):
     if not _SHARED:
         root = tmp_path_factory.mktemp("evaluate")
         folder = make_image_folder(root / "images", train_per_class=12, test_per_class=8)
+        for i in range(PLANTED):  # test images that are train images, brightened: near-duplicates across splits
+            pixels = np.asarray(Image.open(folder / "train" / CLASSES[0] / f"{i:04d}.png"), dtype=np.int16)
+            Image.fromarray(np.clip(pixels + 20, 0, 255).astype(np.uint8)).save(
+                folder / "test" / CLASSES[0] / f"{i:04d}.png")
         data = prepare.main(prepare.PrepareConfig(source=f"imagefolder:{folder}", data_dir=str(root / "data")))
         code, errors, log = run_evaluate("--data-dir", str(data), "--run-dir", str(root / "run"),
                                          "--backbones", BACKBONES, "--weights", "none", "--tsne-points", "20",
@@ -229,3 +234,21 @@ def test_the_local_ray_embeds_with_one_single_threaded_actor_per_core():
     assert plan.actors == min(cores, 4, MAX_CPU_ACTORS_PER_NODE) == plan.actors_per_node
     with pytest.raises(UserError, match="no GPUs"):
         actor_plan("true")
+
+
+def test_test_images_copied_from_train_are_found_and_protocol_g_is_also_scored_without_them(evaluated):
+    data, run, log = evaluated
+    out = run / "eval"
+    pairs = pq.read_table(out / "near_duplicates.parquet").to_pylist()
+    in_train = {str(i) for i in PreparedData.open(data).ids_and_labels("train")[0]}  # val holds some out
+    planted = {f"test/{CLASSES[0]}/{i:04d}.png": f"train/{CLASSES[0]}/{i:04d}.png" for i in range(PLANTED)}
+    assert pairs, "no near-duplicate found"
+    for pair in pairs:  # only planted copies, each matched to its original (those not held out as val)
+        assert planted[pair["test_id"]] == pair["train_id"] and pair["similarity"] >= 0.95
+        assert pair["test_label"] == pair["train_label"] == 0
+    assert len(pairs) == sum(t in in_train for t in planted.values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in MODELS:
+        clean = metrics["models"][name]["G_without_near_duplicates"]
+        assert set(clean) >= {"map@5", "p@5", "map@r"} and 0.0 <= clean["map@5"] <= 1.0
+    assert f"Near-duplicates: {len(pairs)} of {8 * len(CLASSES)} test images" in (out / "results.md").read_text()

@@ -39,3 +39,26 @@ def test_each_test_image_finds_its_altered_copy_and_nothing_else_passes():
     assert found.duplicate.tolist() == [True] * 3 + [False] * 20
     assert found.count == 3 and found.share == pytest.approx(3 / 23)
     assert (found.similarity[:3] >= DEFAULT_THRESHOLD).all() and (found.similarity[3:] < DEFAULT_THRESHOLD).all()
+
+
+def test_the_report_line_names_the_count_and_protocol_g_with_and_without():
+    from lib.report import near_duplicates_note
+
+    metrics = {"models": {"a": {"G": {"map@5": 0.5}, "G_without_near_duplicates": {"map@5": 0.4}},
+                          "b": {"G": {"map@5": 0.3}}}}
+    line = near_duplicates_note(metrics, 139, 10000, 0.95)
+    assert line.startswith("Near-duplicates: 139 of 10000 test images (1.39 %)")
+    assert line.endswith("Protocol G without them, mAP@5 (with them): a 0.400 (0.500).")
+    assert "Protocol G" not in near_duplicates_note({"models": {"b": {"G": {"map@5": 0.3}}}}, 0, 10, 0.95)
+
+
+def test_the_picture_shows_each_pair_with_its_similarity():
+    from lib.plots import near_duplicates_figure
+
+    images = scenes(3, seed=4)
+    figure = near_duplicates_figure(images, images, np.array([0.99, 0.98, 0.97]), count=3, total=50, threshold=0.95)
+    titles = [axes.get_title() for axes in figure.axes if axes.get_title()]
+    assert titles == ["0.990", "0.980", "0.970"]
+    assert "3 of 50 test images" in figure._suptitle.get_text()
+    empty = near_duplicates_figure(images[:0], images[:0], np.zeros(0), count=0, total=50, threshold=0.95)
+    assert "0 of 50" in empty._suptitle.get_text()
