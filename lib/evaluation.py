@@ -19,7 +19,7 @@ import numpy as np
 
 from lib.config import check_ranges, option
 from lib.console import detail, log
-from lib.dataset import SPLITS, PreparedData
+from lib.data.reader import SPLITS, PreparedData
 from lib.devices import USE_GPU_HELP, UseGpu
 from lib.embedding import ModelSource, trained_config, write_split
 from lib.errors import UserError

@@ -18,7 +18,7 @@ from typing import Literal
 from lib.backbones import check_backbones
 from lib.config import check_ranges, option, to_dict
 from lib.console import log
-from lib.dataset import PreparedData
+from lib.data.reader import PreparedData
 from lib.devices import USE_GPU_HELP, UseGpu
 from lib.errors import UserError
 from lib.io import ensure_writable_dir, write_json
