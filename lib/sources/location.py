@@ -65,5 +65,6 @@ def file_uri(filesystem: pafs.FileSystem, path: str) -> str:
     if isinstance(filesystem, pafs.LocalFileSystem):
         return path
     if isinstance(filesystem, pafs.SubTreeFileSystem):
-        return file_uri(filesystem.base_fs, join(filesystem.base_path, path.lstrip("/")))
+        inner, base = path.strip("/"), filesystem.base_path.rstrip("/") or filesystem.base_path
+        return file_uri(filesystem.base_fs, join(base, inner) if inner else base)
     return f"{filesystem.type_name}://{path}"
