@@ -14,16 +14,17 @@ and ``<split>/<index>`` for the official CIFAR-10 batches (the index in the offi
 - :mod:`lib.sources.location`: a local path or URI and the ``pyarrow.fs`` filesystem it resolves to;
 - :mod:`lib.sources.picking`: the seeded, platform-independent choice of items (:func:`stable_hash`,
   :func:`stratified_pick`) that image folders, the validation split and training subsets use;
-- the built-in kinds, registered on import: ``imagefolder`` (:mod:`lib.sources.imagefolder`) and
-  ``cifar10`` (:mod:`lib.sources.cifar10`).
+- the built-in kinds: ``imagefolder`` (:mod:`lib.sources.imagefolder`) and ``cifar10`` (:mod:`lib.sources.cifar10`).
 
-Adding a kind is one module with one ``@register_source("name")`` class (see docs/extending.md).
+Adding a kind is one module with one ``@register_source("name")`` class (see docs/extending.md); every module
+in this package is imported (and so registers its kinds) when the package is.
 """
 
 from __future__ import annotations
 
-# The built-in kinds register themselves when imported (they import the registry module, not this package).
-from lib.sources import cifar10, imagefolder  # noqa: F401
+import importlib
+import pkgutil
+
 from lib.sources.location import Location, file_uri, parse_location
 from lib.sources.picking import stable_hash, stratified_pick
 from lib.sources.registry import (
@@ -41,3 +42,8 @@ from lib.sources.registry import (
 __all__ = ["SOURCE_SPLITS", "DataSource", "ListOptions", "Listing", "Location", "file_uri", "parse_location",
            "parse_source", "register_source", "source_forms", "source_kinds", "stable_hash", "stratified_pick",
            "unregister_source"]
+
+# Every module of this package is imported, so the kinds defined in it (imagefolder, cifar10, and any module
+# added here) are registered whenever lib.sources is: a new kind in lib/sources/ is one file, nothing else.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
