@@ -113,6 +113,8 @@ def register_source(name: str):
             raise ValueError(f"source kind {name!r} is already registered ({_KINDS[name].__qualname__})")
         if not (isinstance(cls, type) and issubclass(cls, DataSource)):
             raise TypeError(f"source kind {name!r}: {cls!r} is not a DataSource subclass")
+        if cls.__dict__.get("kind"):  # its kind names it in str() and messages: one class, one name
+            raise ValueError(f"{cls.__qualname__} is already registered as source kind {cls.kind!r}")
         cls.kind = name
         _KINDS[name] = cls
         return cls

@@ -87,9 +87,19 @@ def test_registering_a_taken_or_malformed_name_raises():
     with pytest.raises(TypeError, match="not a DataSource subclass"):
         register_source("plainclass")(dict)
     assert "plainclass" not in source_kinds()
-    register_source("colourgrid-again")(ColourGridSource)
-    unregister_source("colourgrid-again")
-    assert "colourgrid-again" not in source_kinds()
+    with pytest.raises(ValueError, match="ColourGridSource is already registered as source kind 'colourgrid'"):
+        register_source("colourgrid-again")(ColourGridSource)
+
+    @dataclass(frozen=True)
+    class Throwaway(ColourGridSource):
+        pass
+
+    assert register_source("throwaway")(Throwaway).kind == "throwaway" and ColourGridSource.kind == "colourgrid"
+    assert parse_source("throwaway:2") == Throwaway(2)
+    unregister_source("throwaway")
+    assert "throwaway" not in source_kinds()
+    with pytest.raises(UserError, match="unknown --source 'throwaway:2'"):
+        parse_source("throwaway:2")
 
 
 def test_the_in_memory_listing_is_written_as_parquet_without_any_file(tmp_path):
