@@ -14,7 +14,7 @@ import numpy as np
 
 from lib.backbones import check_backbones
 from lib.config import check_ranges, option
-from lib.dataset import PreparedData
+from lib.data.reader import PreparedData
 from lib.errors import UserError
 from lib.retrieval.index import l2_normalize
 

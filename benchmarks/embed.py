@@ -6,7 +6,7 @@ same splits with pyarrow and embeds them with the same networks, batch size, pre
 Each round of either side builds the networks and reads the data, as a job run does; the Ray side also
 pays its actors' start-up.
 
-Run alone: ``python -c "from benchmarks.embed import measure; from lib.dataset import PreparedData;
+Run alone: ``python -c "from benchmarks.embed import measure; from lib.data.reader import PreparedData;
 print(measure(PreparedData.open('DATA')))"``.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import BenchmarkConfig, _median, interleave, prepared
-from lib.dataset import SPLITS, PreparedData
+from lib.data.reader import SPLITS, PreparedData
 from lib.devices import available_cpus
 
 

@@ -18,10 +18,10 @@ import numpy as np
 
 from benchmarks.common import BenchmarkConfig
 from lib.console import log
-from lib.dataset import PreparedData
+from lib.data.reader import PreparedData
 from lib.errors import UserError
-from lib.sources import parse_source
-from lib.sources.imagefolder import list_image_folder
+from lib.sources import ListOptions, parse_source
+from lib.sources.imagefolder import ImageFolderSource
 
 
 def plain_pil_decode(paths: list[str]) -> float:
@@ -37,12 +37,12 @@ def plain_pil_decode(paths: list[str]) -> float:
 
 def run(cfg: BenchmarkConfig, work: Path) -> dict:
     source = parse_source(cfg.source)
-    if source.kind != "imagefolder":
-        raise UserError("the prepare suite needs --source imagefolder:PATH")
-    listing = list_image_folder(source.path)
+    if not isinstance(source, ImageFolderSource) or source.location.is_uri:
+        raise UserError("the prepare suite needs --source imagefolder:PATH with a local PATH")
+    listing = source.list_images(ListOptions(cache_dir=work))
     n = len(listing)
     log(f"prepare suite: {n} images; plain PIL loop ...")
-    pil_seconds = plain_pil_decode(listing.paths)
+    pil_seconds = plain_pil_decode(listing.files)  # local paths: the source is a local folder
     data_dir = Path(tempfile.mkdtemp(dir=work, prefix="prepare-fresh-"))  # never a prepared DATA
     log("prepare suite: python -m jobs.prepare in a fresh process (Ray start included) ...")
     started = time.perf_counter()

@@ -78,7 +78,7 @@ def synthetic_run(work: Path, rows: int, backbone: str, dim: int = 128) -> Path:
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from lib.dataset import PreparedData
+    from lib.data.reader import PreparedData
     from lib.embedding import ModelSource, write_split
     from lib.io import write_json
     from lib.paths import RunPaths

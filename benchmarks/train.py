@@ -164,8 +164,9 @@ class GpuUtilisation:
 def run(cfg: BenchmarkConfig, work: Path) -> dict:
     import torch
 
+    from lib.data.subsets import per_class_subset
     from lib.precision import uses_bf16
-    from lib.training import TrainConfig, per_class_subset
+    from lib.training import TrainConfig
     from onray.trainer import train_backbones
 
     data = prepared(cfg, work)

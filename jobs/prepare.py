@@ -2,7 +2,7 @@
 
     python -m jobs.prepare --source imagefolder:PATH|cifar10[:PATH] --data-dir DATA
 
-Output: ``DATA/{train,val,test}/part-*.parquet`` and ``DATA/manifest.json`` (see lib.dataset).
+Output: ``DATA/{train,val,test}/part-*.parquet`` and ``DATA/manifest.json`` (see lib.data).
 Rerunning into a complete DATA does nothing; into a partial one (a crash) it prepares it again.
 """
 

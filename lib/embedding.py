@@ -29,7 +29,7 @@ import torch
 from lib.augment import as_tensor, normalize, resize_batch
 from lib.backbones import EmbeddingNet, build_model, check_backbones, fetch_imagenet_weights
 from lib.config import from_dict
-from lib.dataset import SPLITS, table_ids
+from lib.data.reader import SPLITS, table_ids
 from lib.errors import UserError
 from lib.io import atomic_path, read_json
 from lib.paths import RunPaths

@@ -19,7 +19,7 @@ import numpy as np
 
 from lib.config import check_ranges, option
 from lib.console import detail, log
-from lib.dataset import SPLITS, PreparedData
+from lib.data.reader import SPLITS, PreparedData
 from lib.devices import USE_GPU_HELP, UseGpu
 from lib.embedding import ModelSource, SplitEmbeddings, trained_config, write_split
 from lib.errors import UserError
@@ -45,7 +45,7 @@ class Splits:
     test: SplitEmbeddings
 
     def of(self, split: str) -> SplitEmbeddings:
-        """The split named ``split`` (one of :data:`lib.dataset.SPLITS`)."""
+        """The split named ``split`` (one of :data:`lib.data.reader.SPLITS`)."""
         return {"train": self.train, "val": self.val, "test": self.test}[split]
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lib.dataset import SPLITS, PreparedData
+from lib.data.reader import SPLITS, PreparedData
 from lib.errors import UserError
 from lib.paths import RunPaths
 
@@ -80,7 +80,7 @@ class ImageStore:
         """(H, W, 3) uint8 of a stored image."""
         import pyarrow.parquet as pq
 
-        from lib.dataset import table_images
+        from lib.data.reader import table_images
 
         path, row = self._locate(image_id)
         if path not in self._files:

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from lib.augment import AugmentSettings, augment_batch, resize_batch
-from lib.dataset import PreparedData
+from lib.data.reader import PreparedData
 from lib.devices import available_cpus
 
 

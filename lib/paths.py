@@ -62,7 +62,7 @@ class RunPaths:
         return self.root / "eval"
 
     def subset(self, name: str) -> Path:
-        """A training subset of DATA written once for every trainer (:func:`lib.dataset.write_subset`)."""
+        """A training subset of DATA written once for every trainer (:func:`lib.data.subsets.write_subset`)."""
         return self.root / "subsets" / name
 
     @property

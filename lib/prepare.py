@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lib import dataset as ds
 from lib.config import check_ranges, option, to_dict
 from lib.console import log
+from lib.data.reader import FORMAT_VERSION, SPLITS, PreparedData
+from lib.data.writer import IDENTITY_KEYS
 from lib.errors import UserError
-from lib.sources import Listing, Source, parse_source, stratified_pick
+from lib.sources import DataSource, Listing, ListOptions, parse_source, stratified_pick
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,8 @@ class PrepareConfig:
     """Decode a labelled image source into Parquet train/val/test splits for the other jobs."""
 
     source: str = option(help="cifar10 (download), cifar10:PATH (extracted cifar-10-batches-py or the "
-                              ".tar.gz) or imagefolder:PATH (PATH/{train,test}/<class>/* or PATH/<class>/*)")
+                              ".tar.gz) or imagefolder:PATH (PATH/{train,test}/<class>/* or PATH/<class>/*; "
+                              "a local folder or a URI such as s3://bucket/prefix), or another registered kind")
     data_dir: str = option(help="output folder DATA")
     val_fraction: float = option(0.1, help="share of each class of the source's train split held out as val")
     test_fraction: float = option(0.2, help="share of each class used as test when an image folder has "
@@ -40,20 +43,29 @@ class PrepareConfig:
             if not 0.0 < value < 1.0:
                 raise UserError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}")
         check_ranges(self, non_negative=("seed",))
-        parse_source(self.source)
+        self.data_source  # noqa: B018 - a bad --source fails here, when the config is made
+
+    @cached_property
+    def data_source(self) -> DataSource:
+        """``source`` parsed (once) by the registered kind."""
+        return parse_source(self.source)
+
+    @property
+    def list_options(self) -> ListOptions:
+        return ListOptions(cache_dir=Path(self.cache_dir), test_fraction=self.test_fraction, seed=self.seed)
 
 
-def identity(cfg: PrepareConfig, source: Source) -> dict[str, Any]:
-    """The settings that decide DATA's content (see :data:`lib.dataset.IDENTITY_KEYS`)."""
-    return {"source": str(source), "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+def identity(cfg: PrepareConfig) -> dict[str, Any]:
+    """The settings that decide DATA's content (see :data:`lib.data.writer.IDENTITY_KEYS`)."""
+    return {"source": str(cfg.data_source), "seed": cfg.seed, "val_fraction": cfg.val_fraction,
             "test_fraction": cfg.test_fraction, "skip_bad_images": cfg.skip_bad_images}
 
 
 def check_existing(data_dir: Path, wanted: dict[str, Any]) -> bool:
     """True when DATA already holds this exact data set; raises if it holds another or foreign files."""
-    data = ds.PreparedData.find(data_dir)
+    data = PreparedData.find(data_dir)
     if data is not None:
-        held = {key: data.manifest.get(key) for key in ds.IDENTITY_KEYS}
+        held = {key: data.manifest.get(key) for key in IDENTITY_KEYS}
         damage = data.damage() if held == wanted else None
         if held == wanted and not damage:
             return True
@@ -63,7 +75,7 @@ def check_existing(data_dir: Path, wanted: dict[str, Any]) -> bool:
         diff = ", ".join(f"{k}={held[k]!r} (asked {wanted[k]!r})" for k in wanted if held[k] != wanted[k])
         raise UserError(f"{data_dir} already holds a data set prepared with other settings: {diff}; "
                         f"choose another --data-dir or remove it")
-    for split in ds.SPLITS:
+    for split in SPLITS:
         split_dir = data_dir / split
         if split_dir.exists():
             # what this job writes there: Parquet parts, and the temporary names of an interrupted write
@@ -84,13 +96,13 @@ def assign_splits(listing: Listing, val_fraction: float, seed: int) -> np.ndarra
     return splits
 
 
-def check_written(merged: dict[str, Any], skip_bad_images: bool, source: Source) -> None:
+def check_written(merged: dict[str, Any], skip_bad_images: bool, source: DataSource) -> None:
     """Stop on unreadable images (unless skipped) and on split/class pairs left without images."""
     if merged["bad"] and not skip_bad_images:
         path, reason = merged["bad"][0]
         more = f" and {len(merged['bad']) - 1} more" if len(merged["bad"]) > 1 else ""
         raise UserError(f"cannot read image {path} ({reason}){more}; use --skip-bad-images to leave such files out")
-    empty = [f"{split}/{name}" for split in ds.SPLITS for name, n in merged["counts"][split].items() if n == 0]
+    empty = [f"{split}/{name}" for split in SPLITS for name, n in merged["counts"][split].items() if n == 0]
     if empty:
         raise UserError(f"after skipping unreadable files these split/class pairs have no images: "
                         f"{', '.join(empty[:5])} (source {source})")
@@ -98,14 +110,14 @@ def check_written(merged: dict[str, Any], skip_bad_images: bool, source: Source)
 
 def manifest_document(cfg: PrepareConfig, wanted: dict[str, Any], listing: Listing, merged: dict[str, Any],
                       decode_seconds: float, total_seconds: float) -> dict[str, Any]:
-    """``DATA/manifest.json`` (see :mod:`lib.dataset`)."""
+    """``DATA/manifest.json`` (see :mod:`lib.data`)."""
     return {
-        "format_version": ds.FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         **wanted,
         "classes": listing.classes,
         "image_shape": list(listing.image_shape),
         "counts": merged["counts"],
-        "totals": {split: sum(merged["counts"][split].values()) for split in ds.SPLITS},
+        "totals": {split: sum(merged["counts"][split].values()) for split in SPLITS},
         "files": merged["files"],
         "skipped": [{"path": path, "reason": reason} for path, reason in merged["bad"]],
         "converted": merged["converted"],

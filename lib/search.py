@@ -41,7 +41,7 @@ def load_gallery(run: RunPaths, info: dict[str, Any], model: str) -> Gallery:
     """``model``'s train gallery: the saved index, or one built from the model's stored train embeddings."""
     import pyarrow.parquet as pq
 
-    from lib.dataset import table_ids
+    from lib.data.reader import table_ids
     from lib.retrieval.index import faiss, l2_normalize
 
     if model == info["model"]:
@@ -62,7 +62,7 @@ class Searcher:
     so every query after the first costs milliseconds, not the seconds of imports and loading."""
 
     def __init__(self, run: RunPaths, model: str = ""):
-        from lib.dataset import PreparedData
+        from lib.data.reader import PreparedData
 
         self.run, self.info = run, saved_index_info(run)
         self.model = model or self.info["model"]
@@ -128,7 +128,7 @@ class Searcher:
     def decode_image(self, file: str | BinaryIO, name: str) -> np.ndarray:
         """One image file (a path or an open binary file) -> (H, W, 3) uint8 of the stored image shape, decoded
         like jobs.prepare (RGB, cover-cropped); a :class:`UserError` naming ``name`` when it is not an image."""
-        from lib.dataset import decode_image_file
+        from lib.data.images import decode_image_file
 
         try:
             return decode_image_file(file, tuple(self.info["image_shape"]))[0]

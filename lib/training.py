@@ -228,19 +228,6 @@ def augmented_batches(images: torch.Tensor, labels: torch.Tensor, batch_index: n
                "label": labels.index_select(0, rows)}
 
 
-def per_class_subset(ids: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """Ids of ``per_class`` images of every class (all when 0 or when a class has fewer), chosen by seed."""
-    from lib.sources import stable_hash
-
-    if per_class <= 0:
-        return np.asarray(ids)
-    chosen = []
-    for label in np.unique(labels):
-        members = [str(i) for i in np.asarray(ids)[labels == label]]
-        chosen.extend(sorted(members, key=lambda i: stable_hash(seed, i))[:per_class])
-    return np.asarray(sorted(chosen), dtype=object)
-
-
 def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The history row with the highest :data:`METRIC` among trained epochs (epoch >= 1)."""
     trained = [row for row in history if row.get("epoch", 0) >= 1 and row.get(METRIC) is not None]

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import ray
 
 from lib.augment import AugmentSettings, augment_batch, resize_batch
-from lib.dataset import SPLITS, PreparedData, table_ids, table_images
+from lib.data.reader import SPLITS, PreparedData, table_ids, table_images
 
 Shuffle = Literal["none", "blocks", "full"]
 # Fewer, larger blocks cost less scheduling per epoch; this many per CPU still keeps every CPU busy
@@ -60,7 +60,7 @@ def augmented_dataset(data: PreparedData, split: str = "train", settings: Augmen
     ``random_shuffle`` every epoch, ``"none"`` keeps file order (evaluation).
     ``augment=False`` only resizes (to ``settings.image_size``), for validation and embedding.
     Each cached block is one map task per epoch; ``num_blocks`` defaults to two per cluster CPU.
-    ``files``: read these Parquet files (a subset of the split written by :func:`lib.dataset.write_subset`) as
+    ``files``: read these Parquet files (a subset of the split written by :func:`lib.data.subsets.write_subset`) as
     they are, one block each, instead of the whole split repartitioned.
     """
     if files is None:

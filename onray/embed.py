@@ -16,7 +16,7 @@ import ray
 import torch
 
 from lib.console import Progress, log
-from lib.dataset import SPLITS, PreparedData
+from lib.data.reader import SPLITS, PreparedData
 from lib.devices import available_cpus, cuda_unusable_reason
 from lib.embedding import (
     SOURCE_FILE,

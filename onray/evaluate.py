@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lib.config import to_dict
 from lib.console import log
-from lib.dataset import SPLITS, PreparedData
+from lib.data.reader import SPLITS, PreparedData
 from lib.embedding import check_loadable, model_sources, read_embeddings, up_to_date
 from lib.evaluation import (
     EvaluateConfig,

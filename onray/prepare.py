@@ -1,6 +1,8 @@
 """``jobs.prepare`` on Ray: list a source in the driver, decode and write Parquet in Ray Data tasks.
 
-Output: ``DATA/{train,val,test}/part-*.parquet`` and ``DATA/manifest.json`` (see :mod:`lib.dataset`).
+Output: ``DATA/{train,val,test}/part-*.parquet`` and ``DATA/manifest.json`` (see :mod:`lib.data`).
+The source is any registered kind (:mod:`lib.sources`); its files are read by the decode tasks through the
+listing's ``pyarrow.fs`` filesystem object.
 Rerunning into a complete DATA does nothing; into a partial one (a crash) it prepares it again.
 """
 
@@ -14,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from lib import dataset as ds
 from lib.console import Progress, detail, log
-from lib.io import ensure_writable_dir, replace_dir, staging_dir, write_json
+from lib.data.reader import MANIFEST, SPLITS
+from lib.data.writer import merge_summaries, write_manifest, write_shard_batch
+from lib.io import ensure_writable_dir, replace_dir, staging_dir
 from lib.prepare import (
     PrepareConfig,
     assign_splits,
@@ -25,7 +28,7 @@ from lib.prepare import (
     identity,
     manifest_document,
 )
-from lib.sources import Listing, list_source, parse_source
+from lib.sources import Listing
 from onray.runtime import check_cluster_paths, check_shared_storage, init_ray
 
 # Images per Ray Data block: one decode task and one Parquet file per block and split.
@@ -34,11 +37,11 @@ ROWS_PER_BLOCK = 2500
 
 def listing_blocks(listing: Listing, splits: np.ndarray) -> list[pa.Table]:
     """The listing as Arrow tables of at most ROWS_PER_BLOCK rows: one Ray Data block (task) each."""
-    order = np.argsort(np.asarray([ds.SPLITS.index(s) for s in splits]), kind="stable")
+    order = np.argsort(np.asarray([SPLITS.index(s) for s in splits]), kind="stable")
     columns = {"row": np.arange(len(listing)), "id": np.asarray(listing.ids, dtype=object),
                "label": listing.labels, "split": splits}
-    if listing.paths is not None:
-        columns["path"] = np.asarray(listing.paths, dtype=object)
+    if listing.files is not None:
+        columns["path"] = np.asarray(listing.files, dtype=object)
     blocks = []
     for start in range(0, len(order), ROWS_PER_BLOCK):
         take = order[start:start + ROWS_PER_BLOCK]
@@ -51,12 +54,16 @@ def listing_blocks(listing: Listing, splits: np.ndarray) -> list[pa.Table]:
 
 
 def decode_and_write(listing: Listing, splits: np.ndarray, out_dir: Path) -> list[dict]:
-    """Run the decode-and-write batch function over the listing on Ray Data; returns the summaries."""
+    """Run the decode-and-write batch function over the listing on Ray Data; returns the summaries.
+
+    Each task opens its files through ``listing.filesystem`` (pickled into the task: a local disk, a bucket).
+    """
     import ray
 
     dataset = ray.data.from_arrow(listing_blocks(listing, splits)).map_batches(
-        ds.write_shard_batch, batch_size=None, batch_format="numpy", zero_copy_batch=True,
-        fn_kwargs={"out_dir": str(out_dir), "image_shape": listing.image_shape, "classes": listing.classes})
+        write_shard_batch, batch_size=None, batch_format="numpy", zero_copy_batch=True,
+        fn_kwargs={"out_dir": str(out_dir), "image_shape": listing.image_shape, "classes": listing.classes,
+                   "filesystem": listing.filesystem})
     summaries, done = [], 0
     progress = Progress(len(listing), "decode + write")
     for row in dataset.iter_rows():
@@ -72,8 +79,7 @@ def prepare_data(cfg: PrepareConfig) -> Path:
     """Prepare ``cfg.data_dir``; returns it. Idempotent for a complete DATA; a run that wrote nothing
     leaves no folder behind."""
     started = time.perf_counter()
-    check_cluster_paths(data_dir=cfg.data_dir)
-    parse_source(cfg.source)  # a bad --source fails before any folder is created
+    check_cluster_paths(data_dir=cfg.data_dir)  # a bad --source failed already, when cfg was made
     created = not Path(cfg.data_dir).expanduser().exists()
     data_dir = ensure_writable_dir(cfg.data_dir)
     try:
@@ -85,21 +91,21 @@ def prepare_data(cfg: PrepareConfig) -> Path:
 
 
 def _prepare(cfg: PrepareConfig, data_dir: Path, started: float) -> Path:
-    source = parse_source(cfg.source)
-    wanted = identity(cfg, source)
+    source = cfg.data_source
+    wanted = identity(cfg)
     if check_existing(data_dir, wanted):
         log(f"{data_dir} is already prepared from {source}; nothing to do")
         return data_dir
 
     detail(f"listing {source}")
-    listing = list_source(source, Path(cfg.cache_dir), cfg.test_fraction, cfg.seed)
+    listing = source.list_images(cfg.list_options)
     splits = assign_splits(listing, cfg.val_fraction, cfg.seed)
     log(f"{len(listing)} images in {len(listing.classes)} classes ({listing.notes['layout']}), "
         f"stored as {listing.image_shape[0]}x{listing.image_shape[1]} RGB; "
-        + ", ".join(f"{s} {int((splits == s).sum())}" for s in ds.SPLITS))
+        + ", ".join(f"{s} {int((splits == s).sum())}" for s in SPLITS))
 
     # A stale manifest must never describe files from this run: remove it before anything moves.
-    (data_dir / ds.MANIFEST).unlink(missing_ok=True)
+    (data_dir / MANIFEST).unlink(missing_ok=True)
     for leftover in data_dir.glob(".prepare.*.tmp"):
         shutil.rmtree(leftover, ignore_errors=True)
     staged = staging_dir(data_dir, "prepare")
@@ -107,19 +113,19 @@ def _prepare(cfg: PrepareConfig, data_dir: Path, started: float) -> Path:
         init_ray()
         check_shared_storage(staged)  # the decode tasks write their Parquet files there, on any node
         decode_started = time.perf_counter()
-        merged = ds.merge_summaries(decode_and_write(listing, splits, staged), listing.classes)
+        merged = merge_summaries(decode_and_write(listing, splits, staged), listing.classes)
         decode_seconds = time.perf_counter() - decode_started
         check_written(merged, cfg.skip_bad_images, source)
-        for split in ds.SPLITS:
+        for split in SPLITS:
             (staged / split).mkdir(exist_ok=True)
             replace_dir(staged / split, data_dir / split)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
     manifest = manifest_document(cfg, wanted, listing, merged, decode_seconds, time.perf_counter() - started)
-    write_json(data_dir / ds.MANIFEST, manifest)  # last: marks DATA complete
+    write_manifest(data_dir, manifest)  # last: marks DATA complete
     skipped = f", {len(merged['bad'])} unreadable files skipped" if merged["bad"] else ""
-    log(f"wrote {data_dir}: " + ", ".join(f"{s} {manifest['totals'][s]}" for s in ds.SPLITS)
+    log(f"wrote {data_dir}: " + ", ".join(f"{s} {manifest['totals'][s]}" for s in SPLITS)
         + f" images{skipped}; decode+write {decode_seconds:.1f} s ({len(listing) / decode_seconds:,.0f} images/s), "
           f"total {time.perf_counter() - started:.1f} s")
     return data_dir

@@ -87,7 +87,7 @@ class Gallery:
     def __init__(self, settings: GallerySettings):
         import torch
 
-        from lib.dataset import PreparedData
+        from lib.data.reader import PreparedData
         from lib.gallery import ImageStore
         from lib.paths import RunPaths
         from lib.search import Searcher

@@ -27,13 +27,14 @@ from lib.backbones import build_model, fetch_imagenet_weights
 from lib.checkpoints import load_train_state
 from lib.config import from_dict, to_dict
 from lib.console import detail, log
-from lib.dataset import PreparedData, write_subset
+from lib.data.reader import PreparedData
+from lib.data.subsets import per_class_subset, write_subset
 from lib.devices import gpu_share
 from lib.errors import UserError, disk_error, failure_reason
 from lib.io import atomic_copy, atomic_open, ensure_writable_dir, write_json
 from lib.paths import RunPaths
 from lib.planning import TrainPlan, plan_training
-from lib.training import METRIC, TrainConfig, best_epoch, per_class_subset
+from lib.training import METRIC, TrainConfig, best_epoch
 from onray.data import augmented_dataset, default_num_blocks
 from onray.plan import (
     check_cuda_on_a_gpu_node,

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from lib.config import borrowed, check_ranges, fields_from, option, to_dict
 from lib.console import log
-from lib.dataset import PreparedData
+from lib.data.reader import PreparedData
 from lib.errors import UserError
 from lib.io import ensure_writable_dir, write_json
 from lib.paths import RunPaths, absolute

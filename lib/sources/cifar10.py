@@ -1,4 +1,10 @@
-"""CIFAR-10 in its official format: download, checksum, extract and read the pickled batches."""
+"""CIFAR-10 in its official format: download, checksum, extract and read the pickled batches.
+
+``--source cifar10`` downloads the official archive into the cache; ``cifar10:PATH`` reads an extracted
+``cifar-10-batches-py`` folder (or its parent) or the official ``.tar.gz`` on the local disk. The batches are
+pickles: they are read by a restricted unpickler that refuses every global but numpy's array reconstruction.
+The listing holds the pixels, so nothing is decoded later.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import pickle
 import tarfile
 import urllib.error
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +22,8 @@ import numpy as np
 
 from lib.errors import UserError
 from lib.io import staging_dir
-from lib.sources import Listing
+from lib.sources.location import Location, parse_location
+from lib.sources.registry import DataSource, Listing, ListOptions, register_source
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -32,6 +40,30 @@ CIFAR10_FILE_MD5 = {
     "test_batch": "40351d587109b95175f43aff81a1287e",
     "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
 }
+
+
+@register_source("cifar10")
+@dataclass(frozen=True)
+class Cifar10Source(DataSource):
+    """``cifar10`` (downloaded into the cache, checksum-verified) or ``cifar10:PATH`` (a local copy)."""
+
+    location: Location | None = None
+    forms = ("cifar10", "cifar10:PATH")
+
+    @classmethod
+    def parse(cls, argument: str | None) -> Cifar10Source:
+        return cls(parse_location(argument) if argument and argument.strip() else None)
+
+    def list_images(self, options: ListOptions) -> Listing:
+        if self.location is None:
+            return load_cifar10_batches(download_cifar10(options.cache_dir))
+        if self.location.is_uri:
+            raise UserError(f"--source cifar10:PATH reads a local folder or archive, not {self.location}; copy it "
+                            f"to this machine, or use --source imagefolder:{self.location} for an image folder")
+        return load_cifar10_batches(find_cifar10_batches(Path(self.location.text), options.cache_dir))
+
+    def __str__(self) -> str:
+        return "cifar10" if self.location is None else f"cifar10:{self.location}"
 
 
 def md5sum(path: Path, chunk: int = 1 << 20) -> str:

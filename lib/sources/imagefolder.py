@@ -1,94 +1,172 @@
-"""Image-folder sources: ``root/{train,test}/<class>/*`` or one tree ``root/<class>/*``.
+"""Image-folder sources: ``root/{train,test}/<class>/*`` or one tree ``root/<class>/*``, on any filesystem.
 
-Listing reads names and, for the image size, a sample of headers; the pixels are decoded later.
+``--source imagefolder:PATH`` names a local folder or a URI (``imagefolder:s3://bucket/prefix``); the tree is
+walked through a ``pyarrow.fs.FileSystem`` and the listing names files on it, decoded later by the prepare
+tasks through the same filesystem object. Listing reads names and, for the image size, a sample of headers.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from lib.errors import UserError
-from lib.sources import SOURCE_SPLITS, Listing, stratified_pick
+from lib.sources.location import Location, file_uri, join, parse_location
+from lib.sources.picking import stratified_pick
+from lib.sources.registry import SOURCE_SPLITS, DataSource, Listing, ListOptions, register_source
 
 # How many image headers to open when choosing the data set's image size.
 SIZE_SAMPLE = 512
+
+
+@register_source("imagefolder")
+@dataclass(frozen=True)
+class ImageFolderSource(DataSource):
+    """``imagefolder:PATH``: a labelled image tree at ``location`` (a local path or a URI)."""
+
+    location: Location
+    forms = ("imagefolder:PATH",)
+
+    @classmethod
+    def parse(cls, argument: str | None) -> ImageFolderSource:
+        if not argument or not argument.strip():
+            raise UserError("--source imagefolder needs a folder: imagefolder:PATH (a local path or a URI such "
+                            "as s3://bucket/prefix)")
+        return cls(parse_location(argument))
+
+    def list_images(self, options: ListOptions) -> Listing:
+        filesystem, root = self.location.resolve()
+        return list_image_folder(root, options.test_fraction, options.seed, filesystem=filesystem)
+
+    def __str__(self) -> str:
+        return f"imagefolder:{self.location}"
 
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name in ("Thumbs.db", "desktop.ini")
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+def _kind(filesystem: pafs.FileSystem, path: str) -> pafs.FileType:
+    return filesystem.get_file_info(path).type
 
 
-def _files_under(class_dir: Path) -> list[Path]:
-    """Every non-hidden file below ``class_dir`` (recursively), sorted; non-images are caught at decode."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(class_dir):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if not _is_hidden(f))
-    return found
+def _subfolders(filesystem: pafs.FileSystem, folder: str) -> list[str]:
+    """Names of the non-hidden folders directly in ``folder``, sorted."""
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        # os semantics: a symlink to a folder counts (os.path.isdir follows it)
+        return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not _is_hidden(e.name))
+    entries = filesystem.get_file_info(pafs.FileSelector(folder))
+    return sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and not _is_hidden(e.base_name))
 
 
-def list_image_folder(root: Path, test_fraction: float = 0.2, seed: int = 0) -> Listing:
+def _walk_order(relative: str) -> tuple:
+    """Sort key of a file below a class folder in ``os.walk`` order: a folder's files, then its subfolders."""
+    *folders, name = relative.split("/")
+    return (*((1, f) for f in folders), (0, name))
+
+
+def _files_below(filesystem: pafs.FileSystem, class_dir: str) -> list[str]:
+    """Every non-hidden file below ``class_dir`` (recursively, hidden folders skipped), in walk order.
+
+    Non-images are caught at decode. On a local disk ``os.walk`` lists the tree: it names broken links (which
+    the decoder then reports, rather than dropping them unseen) and does not descend into linked subfolders.
+    """
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(class_dir):
+            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+            found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not _is_hidden(f))
+        return found
+    prefix = class_dir.rstrip("/") + "/"
+    relative = []
+    for entry in filesystem.get_file_info(pafs.FileSelector(class_dir, recursive=True)):
+        rest = entry.path[len(prefix):] if entry.path.startswith(prefix) else entry.path
+        if entry.type == pafs.FileType.File and not any(_is_hidden(part) for part in rest.split("/")):
+            relative.append(rest)
+    return [join(class_dir, rest) for rest in sorted(relative, key=_walk_order)]
+
+
+def list_image_folder(root: str | os.PathLike, test_fraction: float = 0.2, seed: int = 0,
+                      filesystem: pafs.FileSystem | None = None) -> Listing:
     """List ``root/{train,test}/<class>/*`` or, without split folders, ``root/<class>/*``.
 
-    A single tree is split into train and test by :func:`stratified_pick` with ``test_fraction``.
-    Raises :class:`UserError` for a missing root, no images, a class present under only one split,
-    an empty class folder, or fewer than two classes.
+    ``root`` is a path on ``filesystem`` (default: the local disk, ``root`` made absolute). A single tree is
+    split into train and test by :func:`stratified_pick` with ``test_fraction``. Raises :class:`UserError`
+    for a missing root, no images, a class present under only one split, an empty class folder, or fewer
+    than two classes. Ids are ``<split>/<class>/<file>`` paths relative to ``root``.
     """
-    root = Path(root)
-    if not root.exists():
-        raise UserError(f"source folder does not exist: {root}")
-    if not root.is_dir():
-        raise UserError(f"source is not a folder: {root}")
-    split_dirs = {s: root / s for s in SOURCE_SPLITS if (root / s).is_dir()}
+    if filesystem is None:
+        filesystem, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(os.fspath(root)))
+    root = os.fspath(root)
+    if root != "/":
+        root = root.rstrip("/")
+
+    def where(*names: str) -> str:
+        return file_uri(filesystem, join(root, *names))
+
+    try:
+        return _list_tree(filesystem, root, where, test_fraction, seed)
+    except OSError as err:  # unreadable folder, lost connection, missing credentials
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"cannot list image folder {where()}: {reason}") from None
+
+
+def _list_tree(filesystem: pafs.FileSystem, root: str, where, test_fraction: float, seed: int) -> Listing:
+    kind = _kind(filesystem, root)
+    if kind == pafs.FileType.NotFound:
+        raise UserError(f"source folder does not exist: {where()}")
+    if kind != pafs.FileType.Directory:
+        raise UserError(f"source is not a folder: {where()}")
+    split_kinds = filesystem.get_file_info([join(root, s) for s in SOURCE_SPLITS])
+    split_dirs = {s: join(root, s) for s, info in zip(SOURCE_SPLITS, split_kinds, strict=True)
+                  if info.type == pafs.FileType.Directory}
     if len(split_dirs) == 1:
         (present,) = split_dirs
         missing = "test" if present == "train" else "train"
-        raise UserError(f"image folder has {present}/ but no {missing}/: {root} "
-                        f"(use {root}/train/<class>/ and {root}/test/<class>/, or one tree {root}/<class>/)")
+        raise UserError(f"image folder has {present}/ but no {missing}/: {where()} "
+                        f"(use {where()}/train/<class>/ and {where()}/test/<class>/, or one tree {where()}/<class>/)")
 
-    per_split: dict[str, dict[str, list[Path]]] = {}
+    per_split: dict[str, dict[str, list[str]]] = {}
     if split_dirs:
         for split, split_dir in split_dirs.items():
-            per_split[split] = {d.name: _files_under(d) for d in _class_dirs(split_dir)}
+            per_split[split] = {name: _files_below(filesystem, join(split_dir, name))
+                                for name in _subfolders(filesystem, split_dir)}
         train_classes, test_classes = set(per_split["train"]), set(per_split["test"])
         if train_classes != test_classes:
             only_train = sorted(train_classes - test_classes)
             only_test = sorted(test_classes - train_classes)
-            where = (f"{only_train} only under {root / 'train'}" if only_train
-                     else f"{only_test} only under {root / 'test'}")
-            raise UserError(f"class folders must exist under both train/ and test/: {where}")
+            place = (f"{only_train} only under {where('train')}" if only_train
+                     else f"{only_test} only under {where('test')}")
+            raise UserError(f"class folders must exist under both train/ and test/: {place}")
     else:
-        per_split["all"] = {d.name: _files_under(d) for d in _class_dirs(root)}
+        per_split["all"] = {name: _files_below(filesystem, join(root, name))
+                            for name in _subfolders(filesystem, root)}
 
     n_files = sum(len(files) for classes in per_split.values() for files in classes.values())
     if n_files == 0:
-        raise UserError(f"no images found in {root} (expected {root}/<class>/<image> "
-                        f"or {root}/train/<class>/<image> and {root}/test/<class>/<image>)")
+        raise UserError(f"no images found in {where()} (expected {where()}/<class>/<image> "
+                        f"or {where()}/train/<class>/<image> and {where()}/test/<class>/<image>)")
     classes = sorted({c for by_class in per_split.values() for c in by_class})
     if len(classes) < 2:
-        raise UserError(f"only one class folder ({classes[0]!r}) in {root}: retrieval and "
+        raise UserError(f"only one class folder ({classes[0]!r}) in {where()}: retrieval and "
                         f"clustering need at least two classes")
     for split, by_class in per_split.items():
         for name, files in by_class.items():
             if not files:
-                folder = root / name if split == "all" else root / split / name
-                raise UserError(f"class folder has no images: {folder}")
+                raise UserError(f"class folder has no images: {where(name) if split == 'all' else where(split, name)}")
 
     class_index = {name: i for i, name in enumerate(classes)}
-    paths, ids, labels, splits = [], [], [], []
+    files, ids, labels, splits = [], [], [], []
+    prefix = len(join(root, ""))  # "root/": ids are the paths below it
     for split, by_class in per_split.items():
         for name in sorted(by_class):
             for file in by_class[name]:
-                paths.append(str(file))
-                ids.append(file.relative_to(root).as_posix())
+                files.append(file)
+                ids.append(file[prefix:])
                 labels.append(class_index[name])
                 splits.append(split)
     labels_arr = np.asarray(labels, dtype=np.int64)
@@ -97,31 +175,35 @@ def list_image_folder(root: Path, test_fraction: float = 0.2, seed: int = 0) -> 
         is_test = stratified_pick(ids, labels_arr, test_fraction, seed)
         splits_arr = np.where(is_test, "test", "train").astype(object)
     return Listing(classes=classes, ids=ids, labels=labels_arr, source_split=splits_arr,
-                   image_shape=common_image_shape(paths, seed), paths=paths,
+                   image_shape=common_image_shape(files, seed, filesystem=filesystem), files=files,
+                   filesystem=filesystem,
                    notes={"layout": "train/test folders" if split_dirs else
                           f"one tree, test split drawn by seed (test_fraction={test_fraction})"})
 
 
-def common_image_shape(paths: list[str], seed: int = 0, sample: int = SIZE_SAMPLE) -> tuple[int, int, int]:
+def common_image_shape(files: list[str], seed: int = 0, sample: int = SIZE_SAMPLE,
+                       filesystem: pafs.FileSystem | None = None) -> tuple[int, int, int]:
     """The most common (height, width) among a seeded sample of image headers, as (H, W, 3).
 
-    Only headers are read. Files that fail to open are left for the decoder to report.
-    Images of other sizes are resized to this shape when decoded.
+    Only headers are read, through ``filesystem`` (default: the local disk). Files that fail to open are
+    left for the decoder to report. Images of other sizes are resized to this shape when decoded.
     """
     from PIL import Image
 
+    filesystem = filesystem or pafs.LocalFileSystem()
     rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(paths), size=min(sample, len(paths)), replace=False)
+    chosen = rng.choice(len(files), size=min(sample, len(files)), replace=False)
     sizes: Counter[tuple[int, int]] = Counter()
     for index in sorted(chosen):
         try:
-            with Image.open(paths[index]) as image:
+            with filesystem.open_input_file(files[index]) as handle, Image.open(handle) as image:
                 width, height = image.size
         except Exception:  # noqa: BLE001 - any unreadable file is reported by the decoder
             continue
         sizes[(height, width)] += 1
     if not sizes:
         raise UserError(f"none of {len(chosen)} sampled files could be opened as an image, e.g. "
-                        f"{paths[int(chosen[0])]}")
+                        f"{file_uri(filesystem, files[int(chosen[0])])}")
     (height, width), _ = max(sizes.items(), key=lambda kv: (kv[1], kv[0]))
     return (height, width, 3)
+

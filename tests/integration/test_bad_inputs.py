@@ -9,7 +9,7 @@ from PIL import Image
 
 from jobs import prepare, train
 from lib.backbones import build_model
-from lib.dataset import PreparedData
+from lib.data.reader import PreparedData
 from tests.conftest import image_array, make_image_folder
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from jobs import evaluate, prepare, train
-from lib.dataset import PreparedData
+from lib.data.reader import PreparedData
 from lib.errors import UserError
 from tests.conftest import make_image_folder
 

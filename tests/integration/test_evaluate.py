@@ -14,7 +14,7 @@ from PIL import Image
 from jobs import evaluate, prepare
 from lib.backbones import build_model
 from lib.config import to_dict
-from lib.dataset import SPLITS, PreparedData, read_manifest
+from lib.data.reader import SPLITS, PreparedData, read_manifest
 from lib.devices import available_cpus
 from lib.embedding import model_sources
 from lib.errors import UserError
@@ -144,7 +144,7 @@ def test_embeddings_parquet_schema_rows_and_ids_line_up(evaluated):
 def test_untrained_embeddings_are_reproducible(evaluated):
     """``--weights none`` is a seeded network: the same seed gives the stored embeddings again."""
     data, run, _ = evaluated
-    from lib.dataset import PreparedData
+    from lib.data.reader import PreparedData
     from lib.embedding import ModelSource, embed_loop, load_embedding_model, read_embeddings
 
     stored = read_embeddings(run, "vgg16-untrained", "test")

@@ -8,7 +8,7 @@ import torch
 
 from jobs import prepare
 from lib.augment import AugmentSettings, normalize, resize_batch
-from lib.dataset import PreparedData
+from lib.data.reader import PreparedData
 from lib.loader import torch_loader
 from onray import data as inputs
 

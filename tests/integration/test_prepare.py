@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from jobs import prepare
-from lib.dataset import SPLITS, PreparedData, read_manifest
+from lib.data.reader import SPLITS, PreparedData, read_manifest
 from tests.conftest import CLASSES, image_array
 
 pytestmark = pytest.mark.usefixtures("ray_session")

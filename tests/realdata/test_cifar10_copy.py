@@ -3,7 +3,7 @@
 import pytest
 
 from jobs import prepare
-from lib.dataset import read_manifest
+from lib.data.reader import read_manifest
 from tests.conftest import cifar10_dir
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -1,20 +1,13 @@
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lib.dataset import (
-    PreparedData,
-    decode_image_file,
-    merge_summaries,
-    parquet_schema,
-    read_manifest,
-    write_shard_batch,
-    write_subset,
-)
+from lib.data.images import decode_image_file
+from lib.data.reader import PreparedData, read_manifest
+from lib.data.writer import merge_summaries, parquet_schema, write_shard_batch
 from lib.errors import UserError
 from tests.conftest import image_array
 
@@ -85,37 +78,3 @@ def test_incomplete_data_dir_has_no_manifest(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(
         {"format_version": 1, "files": {"train": ["train/part-0.parquet"], "val": [], "test": []}}))
     assert PreparedData.find(tmp_path) is None  # a listed file is missing
-
-
-def test_write_subset_writes_the_chosen_rows_once(tmp_path):
-    """A trainer's --train-per-class subset: exactly the chosen rows, in the asked number of files, written once;
-    a folder left partial is written again."""
-    paths = []
-    for i in range(12):
-        Image.fromarray(image_array("dog", i)).save(tmp_path / f"{i}.png")
-        paths.append(str(tmp_path / f"{i}.png"))
-    batch = {"row": np.arange(12), "id": np.array([f"id{i}" for i in range(12)], dtype=object),
-             "label": np.arange(12) % 2, "split": np.array(["train"] * 12, dtype=object),
-             "path": np.array(paths, dtype=object)}
-    data_dir = tmp_path / "data"
-    summary = json.loads(write_shard_batch(batch, out_dir=str(data_dir), image_shape=(32, 32, 3),
-                                           classes=["cat", "dog"])["summary"][0])
-    (data_dir / "manifest.json").write_text(json.dumps(
-        {"format_version": 1, "files": {"train": [w["file"] for w in summary["written"]], "val": [], "test": []}}))
-    data = PreparedData.find(data_dir)
-    chosen = np.array(["id7", "id1", "id10", "id4", "id3"], dtype=object)
-    folder = tmp_path / "run" / "subsets" / "train-demo"
-    files = write_subset(data, "train", chosen, folder, parts=2)
-    assert [f.split("/")[-1] for f in files] == ["part-000.parquet", "part-001.parquet"]
-    tables = [pq.read_table(f) for f in files]
-    assert sorted(sum((t.column("id").to_pylist() for t in tables), [])) == sorted(chosen)
-    assert all(t.num_rows > 0 for t in tables)
-    image = tables[0].column("image").combine_chunks().to_numpy_ndarray()[0]
-    row_id = tables[0].column("id")[0].as_py()
-    assert np.array_equal(image, image_array("dog", int(row_id[2:])))
-    stamps = [Path(f).stat().st_mtime_ns for f in files]
-    assert write_subset(data, "train", chosen, folder, parts=2) == files
-    assert [Path(f).stat().st_mtime_ns for f in files] == stamps  # found, not written again
-    Path(files[1]).unlink()  # an interrupted copy by hand, say
-    assert write_subset(data, "train", chosen, folder, parts=2) == files and Path(files[1]).is_file()
-    assert not list(folder.parent.glob(".*.tmp"))

@@ -12,18 +12,24 @@ import pytest
 from PIL import Image
 
 from lib.errors import UserError
-from lib.sources import Source, parse_source, stable_hash, stratified_pick
-from lib.sources.cifar10 import download_cifar10, find_cifar10_batches, load_cifar10_batches
-from lib.sources.imagefolder import list_image_folder
+from lib.sources import Location, parse_source, stable_hash, stratified_pick
+from lib.sources.cifar10 import Cifar10Source, download_cifar10, find_cifar10_batches, load_cifar10_batches
+from lib.sources.imagefolder import ImageFolderSource, list_image_folder
 from tests.conftest import CLASSES, image_array, make_image_folder
 
 
-def test_parse_source():
-    assert parse_source("cifar10") == Source("cifar10")
-    assert parse_source("imagefolder:/x/y").path.as_posix() == "/x/y"
+def test_parse_source(tmp_path, monkeypatch):
+    assert parse_source("cifar10") == Cifar10Source() and str(parse_source("cifar10")) == "cifar10"
+    assert parse_source("imagefolder:/x/y/") == ImageFolderSource(Location("/x/y"))
+    assert str(parse_source("CIFAR10:/data/c")) == "cifar10:/data/c"  # the text the manifest records
+    monkeypatch.chdir(tmp_path)
+    assert str(parse_source("imagefolder:rel/dir")) == f"imagefolder:{tmp_path}/rel/dir"  # made absolute
+    assert str(parse_source("imagefolder:s3://Bucket/prefix/")) == "imagefolder:s3://Bucket/prefix"
+    for text in ("cifar10", "cifar10:/a/b", "imagefolder:/a b/ü", "imagefolder:gs://b/p"):
+        assert parse_source(str(parse_source(text))) == parse_source(text)
     with pytest.raises(UserError, match="unknown --source 'mnist'"):
         parse_source("mnist")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="imagefolder:PATH"):
         parse_source("imagefolder:")
 
 

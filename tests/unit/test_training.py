@@ -5,7 +5,7 @@ import pytest
 
 from lib.config import parse_config
 from lib.errors import UserError
-from lib.training import PRESETS, TrainConfig, per_class_subset, warmup_cosine
+from lib.training import PRESETS, TrainConfig, warmup_cosine
 
 BASE = ["--data-dir", "D", "--run-dir", "R"]
 
@@ -57,16 +57,6 @@ def test_warmup_then_cosine():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(b <= a for a, b in zip(factors[10:], factors[11:], strict=False))
     assert factors[-1] < 0.01
-
-
-def test_per_class_subset_is_stratified_and_seeded():
-    ids = np.array([f"img{i}" for i in range(100)], dtype=object)
-    labels = np.arange(100) % 4
-    chosen = per_class_subset(ids, labels, 5, seed=0)
-    assert len(chosen) == 20
-    assert sorted(np.bincount([int(c[3:]) % 4 for c in chosen])) == [5, 5, 5, 5]
-    assert list(chosen) == list(per_class_subset(ids, labels, 5, seed=0))
-    assert len(per_class_subset(ids, labels, 0, seed=0)) == 100
 
 
 def test_the_lr_schedule_counts_the_p_by_k_batches_the_loader_yields():
