@@ -149,3 +149,21 @@ def test_epoch_totals_kept_on_the_device_equal_per_step_reads():
     row = epoch_metrics(totals, objective)
     assert row == pytest.approx({"train_loss": expected["loss_sum"] / 5, "spread": expected["spread_sum"] / 5,
                                  "active_fraction": expected["active"] / expected["valid"]})
+
+
+def test_the_worker_context_crosses_as_plain_values_and_is_checked_on_arrival():
+    from lib.config import to_dict
+    from lib.training import WorkerContext
+
+    cfg = TrainConfig(data_dir="d", run_dir="r", preset="smoke", loss="proxy_anchor").resolve()
+    context = WorkerContext(cfg, num_classes=10, rows_per_worker=400, trainers_per_node=2)
+    config = context.as_loop_config()
+    assert json.loads(json.dumps(config)) == config  # plain values only (progress is None here)
+    assert WorkerContext.from_loop_config(config) == context
+    with pytest.raises(UserError, match="train_loop_config has keys .*rows_per_workr.*; expected"):
+        WorkerContext.from_loop_config({**{k: v for k, v in config.items() if k != "rows_per_worker"},
+                                        "rows_per_workr": 400})
+    with pytest.raises(UserError, match="unknown key 'marginn' in train_loop_config"):
+        WorkerContext.from_loop_config({**config, "train": {**to_dict(cfg), "marginn": 0.1}})
+    with pytest.raises(UserError, match="unknown loss 'arcfac'"):
+        WorkerContext.from_loop_config({**config, "train": {**to_dict(cfg), "loss": "arcfac"}})
