@@ -107,9 +107,9 @@ def test_each_loss_trains_on_the_smoke_preset_and_reports_its_own_statistics(dat
     assert json.loads((run / "models" / "resnet50" / "summary.json").read_text())["config"]["loss"] == loss
 
 
-def test_a_resumed_proxy_anchor_run_continues_from_its_checkpointed_proxies(data_dir, tmp_path):
+def test_a_resumed_two_worker_proxy_anchor_run_continues_from_its_checkpointed_proxies(data_dir, tmp_path):
     run = tmp_path / "run"
-    args = ("--backbones", "resnet50", "--loss", "proxy_anchor", "--epochs", "2")
+    args = ("--backbones", "resnet50", "--loss", "proxy_anchor", "--epochs", "2", "--num-workers", "2")  # DDP
     assert smoke(data_dir, run, *args, "--inject-failure", "resnet50:2", "--max-failures", "0") == 1
     def checkpoints():  # beside them, Ray's checkpoint_manager_snapshot.json
         return [path for path in (run / "models" / "resnet50").glob("resnet50-*/checkpoint_*") if path.is_dir()]
