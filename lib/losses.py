@@ -62,11 +62,10 @@ class LossParams:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            value = getattr(self, f.name)
-            low_ok = value >= 0 if f.name in ("ms_epsilon", "proxy_margin", "ms_base") else value > 0
-            if not low_ok:
-                wanted = "0 or more" if f.name in ("ms_epsilon", "proxy_margin", "ms_base") else "positive"
-                raise UserError(f"--loss-params-{f.name.replace('_', '-')} must be {wanted}, got {value}")
+            value, may_be_zero = getattr(self, f.name), f.name in ("ms_base", "ms_epsilon", "proxy_margin")
+            if value < 0 or (value == 0 and not may_be_zero):
+                raise UserError(f"--loss-params-{f.name.replace('_', '-')} must be "
+                                f"{'0 or more' if may_be_zero else 'positive'}, got {value}")
 
 
 class Objective(torch.nn.Module):

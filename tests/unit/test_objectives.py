@@ -118,3 +118,11 @@ def test_loss_params_are_checked_and_nested_in_the_config():
     assert to_dict(cfg)["loss_params"]["temperature"] == 0.2
     with pytest.raises(UserError, match="--loss-params-temperature must be positive, got 0.0"):
         parse_config(TrainConfig, ["--data-dir", "d", "--run-dir", "r", "--loss-params-temperature", "0"])
+
+
+def test_jobs_train_with_an_unknown_loss_exits_2_with_one_line(capsys, tmp_path):
+    from jobs import train
+
+    code = train.cli(["--data-dir", str(tmp_path), "--run-dir", str(tmp_path / "run"), "--loss", "arcface"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "unknown loss 'arcface' (known: " in lines[0]
