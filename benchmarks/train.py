@@ -1,9 +1,9 @@
 """The train suite: training images/s of ``jobs.train``'s path (:func:`onray.trainer.train_backbones`: Ray Data
 feeding one Ray Train worker) against a plain PyTorch loop over the same images held in memory.
 
-Same model, triplet objective, optimiser, P x K batches, precision, device and step function
-(:func:`lib.training.train_epoch`, which the Ray Train worker runs too), on a class-balanced training subset
-(the quick preset's 500 images per class by default). The plain loop is the worker's default path without
+Same setup (:func:`lib.training.build_training`: model, objective, optimiser, precision), P x K batches, device and
+step function (:func:`lib.training.train_epoch`) as the Ray Train worker, on a class-balanced training subset (the
+quick preset's 500 images per class by default). The plain loop is the worker's default path without
 Ray: the stored uint8 images sit on the training device, P x K batches are chosen by index
 (:func:`lib.batching.epoch_batches`) and augmented there (:func:`lib.training.augmented_batches`).
 
@@ -38,41 +38,33 @@ TRAIN_ROUNDS = 2  # a round trains through Ray three times and runs the plain lo
 RAY_SIDES = ("ray", "ray_data", "worker")
 
 
-def plain_training_epochs(cfg: BenchmarkConfig, train_cfg, images, labels, epochs: int, bf16: bool,
+def plain_training_epochs(cfg: BenchmarkConfig, train_cfg, images, labels, epochs: int,
                           device: str = "cpu") -> list[float]:
-    """Images/s of each epoch of a plain PyTorch triplet training loop over in-memory (N, H, W, 3) uint8
-    ``images`` on ``device``: P x K batches by index, augmented on the device (what jobs.train's worker does by
-    default), each epoch one :func:`lib.training.train_epoch` (in bf16 when ``bf16``)."""
+    """Images/s of each epoch of a plain PyTorch training loop over in-memory (N, H, W, 3) uint8 ``images`` on
+    ``device``: the worker's own setup (:func:`lib.training.build_training`: model, objective, optimiser,
+    precision), P x K batches by index, augmented on the device (what jobs.train's worker does by default), each
+    epoch one :func:`lib.training.train_epoch` (in the precision ``train_cfg`` resolves to on ``device``)."""
     import torch
 
     from lib.augment import AugmentSettings, fresh_generator
-    from lib.backbones import build_model
-    from lib.batching import epoch_batches, planned_steps
-    from lib.losses import TripletObjective
-    from lib.precision import prepare_for_bf16
-    from lib.training import EPOCH_TOTALS, augmented_batches, make_optimizer, train_epoch
+    from lib.batching import epoch_batches
+    from lib.training import augmented_batches, build_training, train_epoch
 
     device = torch.device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the worker sets it
-    torch.manual_seed(train_cfg.seed)
-    model = prepare_for_bf16(build_model(train_cfg.backbone, train_cfg.weights, train_cfg.embedding_dim), bf16)
-    model = model.to(device)
-    classes = int(labels.max()) + 1
-    samples_per_class = max(train_cfg.samples_per_class, -(-cfg.batch_size // classes))
-    steps = planned_steps(len(labels), classes, cfg.batch_size, samples_per_class)
-    optimizer, scheduler = make_optimizer(model, train_cfg, steps)
-    objective = TripletObjective(train_cfg.margin, train_cfg.miner)
+    training = build_training(train_cfg, int(labels.max()) + 1, len(labels), device)
     settings = AugmentSettings(image_size=train_cfg.image_size)
     on_device_images, on_device_labels = images.to(device), labels.to(device)
     rates = []
     for epoch in range(epochs):
         started = time.perf_counter()
-        index = epoch_batches(labels, cfg.batch_size, samples_per_class, seed=epoch)[:steps]
-        batches = augmented_batches(on_device_images, on_device_labels, index, settings,
+        index = epoch_batches(labels, cfg.batch_size, training.samples_per_class, seed=epoch)
+        batches = augmented_batches(on_device_images, on_device_labels, index[:training.steps_per_epoch], settings,
                                     fresh_generator(epoch, device))
-        totals = train_epoch(model, batches, objective, optimizer, scheduler, device, bf16)  # reads once: synced
-        rates.append(float(totals[EPOCH_TOTALS.index("images")]) / (time.perf_counter() - started))
+        totals = train_epoch(training.model_step, batches, training.objective_step, training.optimizer,
+                             training.scheduler, device, training.bf16)  # reads once at the end: synced
+        rates.append(totals["images"] / (time.perf_counter() - started))
         log(f"train suite: plain loop epoch {epoch + 1}/{epochs}: {rates[-1]:.1f} images/s")
     return rates
 
@@ -87,11 +79,10 @@ def _plain_loop_in_worker(config: dict) -> list[float]:
     if device.type != "cuda":
         torch.set_num_threads(config["threads"])  # as jobs.train sets its CPU worker
     images, labels = ray.get(config["tensors"])
-    return plain_training_epochs(config["cfg"], config["train_cfg"], images, labels, config["epochs"], config["bf16"],
-                                 str(device))
+    return plain_training_epochs(config["cfg"], config["train_cfg"], images, labels, config["epochs"], str(device))
 
 
-def plain_loop_in_ray_train(cfg: BenchmarkConfig, train_cfg, images, labels, threads: int, bf16: bool,
+def plain_loop_in_ray_train(cfg: BenchmarkConfig, train_cfg, images, labels, threads: int,
                             use_gpu: bool) -> list[float]:
     """Images/s per epoch of :func:`plain_training_epochs` run by one Ray Train worker (as jobs.train's)."""
     import ray
@@ -101,7 +92,7 @@ def plain_loop_in_ray_train(cfg: BenchmarkConfig, train_cfg, images, labels, thr
     trainer = TorchTrainer(
         _plain_loop_in_worker,
         train_loop_config={"cfg": cfg, "train_cfg": train_cfg, "tensors": [ray.put(images), ray.put(labels)],
-                           "epochs": cfg.epochs, "threads": threads, "bf16": bf16},
+                           "epochs": cfg.epochs, "threads": threads},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(name="plain-loop-in-worker", storage_path=str(Path(train_cfg.run_dir).absolute())))
@@ -202,8 +193,7 @@ def run(cfg: BenchmarkConfig, work: Path) -> dict:
     def plain_side() -> list[float]:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        rates = sampled("plain", lambda: plain_training_epochs(cfg, train_cfg, images, labels, cfg.epochs, bf16,
-                                                               device))
+        rates = sampled("plain", lambda: plain_training_epochs(cfg, train_cfg, images, labels, cfg.epochs, device))
         if device == "cuda":
             peak_gb.append(round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
             torch.cuda.empty_cache()  # the Ray worker needs the memory next
@@ -218,7 +208,7 @@ def run(cfg: BenchmarkConfig, work: Path) -> dict:
 
     def worker_side() -> list[float]:
         log("train suite: the plain loop inside a Ray Train worker (no Ray Data) ...")
-        return plain_loop_in_ray_train(cfg, train_cfg, images, labels, threads, bf16, device == "cuda")
+        return plain_loop_in_ray_train(cfg, train_cfg, images, labels, threads, device == "cuda")
 
     # This machine's speed drifts by more than the gap being measured, so every Ray-side run is compared
     # with the plain runs just before and after it: plain, ray, plain, ray_data, plain, worker, plain, ...

@@ -1,4 +1,5 @@
-"""Fine-tune backbones with a triplet loss: Ray Data streams augmented images into Ray Train.
+"""Fine-tune backbones with a metric-learning loss (``--loss``, lib.losses): Ray Data streams augmented
+images into Ray Train.
 
     python -m jobs.train --data-dir DATA --run-dir RUN --backbones resnet50,densenet121,vgg16 [--preset quick]
 

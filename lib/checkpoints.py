@@ -1,4 +1,5 @@
-"""Reading a training checkpoint folder (``model.pt`` + ``train_state.pt``) without running anything in it.
+"""Training checkpoint folders (``model.pt`` + ``train_state.pt`` + ``history.json``), written by
+:func:`write_checkpoint` and read by :func:`load_train_state` without running anything in them.
 
 A checkpoint folder comes from a run folder or a storage path, so it is a data file like any other: it is
 loaded with ``torch.load(weights_only=True)`` only, which refuses any pickle that asks to import or call
@@ -22,7 +23,10 @@ from lib.errors import UserError
 
 MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
-TRAIN_STATE_KEYS = ("optimizer", "scheduler", "history")
+HISTORY_FILE = "history.json"
+# optimizer and scheduler state dicts, the objective's state dict (its proxies; empty for a loss without
+# parameters) and the per-epoch metric rows
+TRAIN_STATE_KEYS = ("optimizer", "scheduler", "objective", "history")
 
 
 def _remedy(run_folder: str | Path | None) -> str:
@@ -60,12 +64,24 @@ def _load(path: Path, map_location: Any, run_folder: str | Path | None) -> Any:
         raise UserError(f"cannot read checkpoint file {path} (damaged: {detail}); {_remedy(run_folder)}") from None
 
 
+def write_checkpoint(folder: str | Path, model_state: Mapping[str, Any], train_state: Mapping[str, Any]) -> None:
+    """Write a checkpoint folder: ``model.pt`` (the network's state dict alone, so it also loads as
+    ``--weights PATH``), ``train_state.pt`` (:data:`TRAIN_STATE_KEYS`) and ``history.json`` (the rows, readable
+    without torch)."""
+    import json
+
+    folder = Path(folder)
+    torch.save(model_state, folder / MODEL_FILE)
+    torch.save(dict(train_state), folder / TRAIN_STATE_FILE)
+    (folder / HISTORY_FILE).write_text(json.dumps(train_state["history"], indent=1))
+
+
 def load_train_state(folder: str | Path, device: str | torch.device = "cpu", *,
                      run_folder: str | Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load ``folder``'s ``model.pt`` (onto ``device``) and ``train_state.pt`` (onto the CPU).
 
-    Returns ``(model_state, train_state)``; ``train_state`` holds ``optimizer`` and ``scheduler`` state dicts
-    and ``history``, the per-epoch metric rows. Raises :class:`UserError` naming the file when a file is
+    Returns ``(model_state, train_state)``; ``train_state`` holds ``optimizer``, ``scheduler`` and ``objective``
+    state dicts and ``history``, the per-epoch metric rows. Raises :class:`UserError` naming the file when a file is
     refused by ``weights_only`` loading, damaged or of the wrong shape. ``run_folder`` (the folder that holds
     the run's checkpoints) only sharpens the message's advice.
     """
@@ -78,9 +94,9 @@ def load_train_state(folder: str | Path, device: str | torch.device = "cpu", *,
     train_state = _load(path, "cpu", run_folder)
     history = train_state.get("history") if isinstance(train_state, Mapping) else None
     if (not isinstance(train_state, Mapping) or not all(key in train_state for key in TRAIN_STATE_KEYS)
-            or not isinstance(train_state["optimizer"], Mapping) or not isinstance(train_state["scheduler"], Mapping)
+            or not all(isinstance(train_state[key], Mapping) for key in ("optimizer", "scheduler", "objective"))
             or not isinstance(history, list) or not history
             or not all(isinstance(row, Mapping) and isinstance(row.get("epoch"), int) for row in history)):
-        raise UserError(f"checkpoint file {path} is not a training state (optimizer, scheduler and a history "
-                        f"of epochs); {_remedy(run_folder)}")
+        raise UserError(f"checkpoint file {path} is not a training state (optimizer, scheduler, objective and a "
+                        f"history of epochs); {_remedy(run_folder)}")
     return model_state, train_state  # as loaded: a state dict's _metadata must survive

@@ -5,8 +5,10 @@ Precedence, lowest to highest: the dataclass defaults, ``--config file.yaml``, c
 worker, are errors rather than silently ignored: a typo must fail at once, not an hour later.
 
 Supported field types: ``str``, ``int``, ``float``, ``bool`` (``--x/--no-x``), ``Literal[...]``
-(choices), ``X | None`` and ``tuple[str, ...]`` (comma-separated on the command line).
-Each field's ``metadata["help"]`` becomes its ``--help`` text.
+(choices), ``X | None``, ``tuple[str, ...]`` (comma-separated on the command line) and a nested frozen
+config dataclass of such fields: its fields become flags ``--<outer>-<inner>`` (``--loss-params-temperature``),
+a YAML file gives it as a mapping (``loss_params: {temperature: 0.2}``, unknown keys are errors) and
+:func:`to_dict` writes it as one. Each field's ``metadata["help"]`` becomes its ``--help`` text.
 
 A config that passes some of another config's settings through declares them once by name with
 :func:`fields_from` (``PipelineConfig`` takes ``--epochs``, ``--lr``, ... from ``TrainConfig``): type,
@@ -113,11 +115,24 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def is_nested_config(tp: Any) -> bool:
+    """True for a field type that is itself a config dataclass (its fields are nested keys)."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
 def coerce(tp: Any, value: Any, where: str) -> Any:
     """Convert ``value`` (a string from the CLI, or a YAML scalar) to the field type ``tp``.
 
-    ``where`` names the key and its source for the error message.
+    A nested config dataclass takes an instance of itself or a mapping of its keys. ``where`` names the key and
+    its source for the error message.
     """
+    if is_nested_config(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return from_dict(tp, value, source=where)
+        raise UserError(f"{where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, "
+                        f"got {value!r}")
     tp, optional = _unwrap_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
@@ -195,8 +210,13 @@ def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """The config as a JSON/YAML-friendly dict (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    """The config as a JSON/YAML-friendly dict (tuples become lists, a nested config a nested dict)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return list(value) if isinstance(value, tuple) else value
+
+    return plain(dataclasses.asdict(config))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -232,6 +252,9 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
     hints = _field_types(cls)
     groups: dict[str, argparse._ArgumentGroup] = {}  # fields_from's fields, under their heading
     for f in dataclasses.fields(cls):
+        if is_nested_config(hints[f.name]):
+            _add_nested_flags(parser, f, hints[f.name])
+            continue
         heading = f.metadata.get(HEADING)
         target = parser if heading is None else groups.get(heading) or groups.setdefault(
             heading, parser.add_argument_group(heading))
@@ -263,6 +286,28 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
     return parser
 
 
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not _MISSING else f.default_factory()
+
+
+def _add_nested_flags(parser: argparse.ArgumentParser, outer: dataclasses.Field, tp: type) -> None:
+    """Flags ``--<outer>-<inner>`` for the fields of nested config ``tp``; their dest is ``outer.inner``."""
+    defaults = _default(outer)
+    group = parser.add_argument_group(outer.name.replace("_", "-"), outer.metadata.get("help") or None)
+    inner_hints = _field_types(tp)
+    for inner in dataclasses.fields(tp):
+        inner_tp, _ = _unwrap_optional(inner_hints[inner.name])
+        kwargs: dict[str, Any] = {"dest": f"{outer.name}.{inner.name}", "help": inner.metadata.get("help", ""),
+                                  "default": getattr(defaults, inner.name)}
+        if inner_tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = str
+            kwargs["metavar"] = ("{" + ",".join(map(str, typing.get_args(inner_tp))) + "}"
+                                 if typing.get_origin(inner_tp) is Literal else inner.name.upper())
+        group.add_argument(f"--{outer.name}-{inner.name}".replace("_", "-"), **kwargs)
+
+
 def parse_config(cls: type[C], argv: Sequence[str] | None = None, prog: str | None = None) -> C:
     """Parse ``argv`` into ``cls``: dataclass defaults < ``--config`` YAML < flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -283,12 +328,21 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None, prog: str | No
             file_values[key] = coerce(hints[key], value, f"key {raw_key!r} in {source}")
     parser = build_parser(cls, prog)
     for action in parser._actions:
-        if action.dest in file_values:
+        outer, _, inner = action.dest.partition(".")
+        if inner and outer in file_values:  # a nested key: the YAML mapping's value is the flag's default
+            action.default = getattr(file_values[outer], inner)
+        elif action.dest in file_values:
             action.default = file_values[action.dest]
             action.required = False
     # Enforce "required" ourselves, so a value given in the YAML file satisfies it.
     namespace = parser.parse_args(argv)
-    values = {k: v for k, v in vars(namespace).items() if k not in ("config", "verbose")}
+    values, nested = {}, {}
+    for key, value in vars(namespace).items():
+        outer, _, inner = key.partition(".")
+        if inner:
+            nested.setdefault(outer, {})[inner] = value
+        elif key not in ("config", "verbose"):
+            values[key] = value
     missing = [f"--{k.replace('_', '-')}" for k, v in values.items() if v is None and _is_required(cls, k)]
     if missing:
         raise UserError(f"the following arguments are required: {', '.join(missing)} (see --help)")
@@ -298,6 +352,11 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None, prog: str | No
         if value is None and _is_required(cls, key):
             continue
         kwargs[key] = coerce(hints[key], value, f"--{key.replace('_', '-')}")
+    for outer, inner_values in nested.items():
+        inner_hints = _field_types(hints[outer])
+        kwargs[outer] = hints[outer](**{
+            inner: coerce(inner_hints[inner], value, f"--{outer}-{inner}".replace("_", "-"))
+            for inner, value in inner_values.items()})
     return cls(**kwargs)
 
 

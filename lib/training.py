@@ -20,10 +20,18 @@ import torch
 
 from lib.augment import AugmentSettings, augment_batch, normalize
 from lib.backbones import check_backbones
-from lib.config import check_ranges, from_dict, option
+from lib.config import check_ranges, from_dict, option, to_dict
 from lib.devices import USE_GPU_HELP, UseGpu, gpu_share
 from lib.errors import UserError
-from lib.losses import Miner, TripletObjective
+from lib.losses import (
+    OBJECTIVES,
+    LossParams,
+    Miner,
+    Objective,
+    build_objective,
+    check_objective,
+    pairwise_spread,
+)
 from lib.precision import PRECISION_HELP, Precision, forward
 
 Preset = Literal["smoke", "quick", "full"]
@@ -55,14 +63,14 @@ BACKBONE_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("quick", "vgg16"): dict(epochs=10, lr=2e-4),
 }
 # Keys a tuning result (best.json) may set.
-HPARAM_KEYS = ("margin", "lr", "miner", "embedding_dim", "weight_decay")
+HPARAM_KEYS = ("margin", "lr", "miner", "embedding_dim", "weight_decay", "loss")
 METRIC = "val_map@5"  # the metric early stopping, checkpoint ranking and Tune all maximise
 METRIC_MODE = "max"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Fine-tune backbones with a triplet loss on Ray Train, streaming augmented data from Ray Data."""
+    """Fine-tune backbones with a metric-learning loss on Ray Train, streaming augmented data from Ray Data."""
 
     data_dir: str = option(help="prepared data set (jobs.prepare's DATA)")
     run_dir: str = option(help="run folder; models go to RUN/models/<backbone>/")
@@ -84,8 +92,10 @@ class TrainConfig:
     lr: float | None = option(None, help="peak learning rate (AdamW, warm-up then cosine decay)")
     weight_decay: float | None = option(None, help="AdamW weight decay")
     warmup_epochs: float | None = option(None, help="linear warm-up length in epochs")
+    loss: str = option("triplet", help=f"training objective: {', '.join(OBJECTIVES)} (lib.losses)")
     margin: float | None = option(None, help="triplet margin (Euclidean distance on unit vectors)")
     miner: Miner | None = option(None, help="triplet mining: semihard, hard, all or easy")
+    loss_params: LossParams = option(default_factory=LossParams, help="settings of the other objectives")
     train_per_class: int | None = option(None, help="train images per class (0 = all)")
     val_per_class: int | None = option(None, help="val images per class for the per-epoch mAP@5 (0 = all)")
     patience: int | None = option(None, help="stop after this many epochs without a better val mAP@5 (0 = never)")
@@ -97,6 +107,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_backbones(self.backbones)
+        check_objective(self.loss)
         if len(set(self.backbones)) != len(self.backbones):
             raise UserError(f"backbone listed twice in --backbones {','.join(self.backbones)}")
         check_ranges(self, positive=("num_workers", "image_size", "embedding_dim", "epochs", "batch_size", "lr",
@@ -170,51 +181,171 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int,
+                   objective: Objective | None = None
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (no weight decay on biases and norm layers) with a per-step warm-up + cosine schedule."""
+    """AdamW (no weight decay on biases and norm layers) with a per-step warm-up + cosine schedule.
+
+    The objective's own parameters (proxies), if any, form a third group at ``lr`` times its
+    :attr:`~lib.losses.Objective.parameter_lr_factor`, without weight decay (the losses read them by cosine
+    similarity: decay would only shrink them and so speed up their steps); the schedule scales every group."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    own = [parameter for parameter in objective.parameters() if parameter.requires_grad] if objective else []
+    if own:
+        groups.append({"params": own, "weight_decay": 0.0, "lr": cfg.lr * objective.parameter_lr_factor})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup))
     return optimizer, scheduler
 
 
-# Columns of the per-epoch totals train_epoch returns (summed over steps, and over ranks by the Ray worker).
-EPOCH_TOTALS = ("loss_sum", "steps", "images", "active", "valid", "spread_sum")
+@dataclass(frozen=True)
+class WorkerContext:
+    """What the driver hands each Ray Train worker of one run: the resolved config of one backbone,
+    ``num_classes``, ``rows_per_worker`` (train rows in each worker's shard: the LR schedule's step count),
+    ``trainers_per_node`` (trainers sharing each machine's cores) and ``progress`` (the driver's progress board,
+    an actor handle, or None: the worker logs a line now and then instead).
+
+    It crosses into the worker as plain values (:meth:`as_loop_config`, Ray Train's ``train_loop_config``) and
+    is rebuilt and checked there by :meth:`from_loop_config`, the worker's first line."""
+
+    train: TrainConfig
+    num_classes: int
+    rows_per_worker: int
+    trainers_per_node: int = 1
+    progress: Any = None
+
+    def as_loop_config(self) -> dict[str, Any]:
+        return {"train": to_dict(self.train), "num_classes": self.num_classes, "rows_per_worker": self.rows_per_worker,
+                "trainers_per_node": self.trainers_per_node, "progress": self.progress}
+
+    @classmethod
+    def from_loop_config(cls, config: dict[str, Any]) -> WorkerContext:
+        """The context from :meth:`as_loop_config`'s dict; a missing or unknown key, or a bad training value,
+        raises at once (a :class:`UserError` naming it)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if sorted(config) != sorted(names):
+            raise UserError(f"train_loop_config has keys {', '.join(sorted(config))}; expected {', '.join(names)}")
+        train = from_dict(TrainConfig, config["train"], source="train_loop_config")
+        return cls(train, int(config["num_classes"]), int(config["rows_per_worker"]),
+                   int(config["trainers_per_node"]), config["progress"])
 
 
-def train_epoch(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], objective: TripletObjective,
+@dataclass
+class Training:
+    """Everything one training run steps, built by :func:`build_training` (the Ray Train worker, each Tune
+    trial's workers and the train benchmark's plain loop all use it).
+
+    ``model`` and ``objective`` are the plain modules on the device (what is evaluated and saved);
+    ``model_step`` and ``objective_step`` are what the training step calls: the same modules, or their DDP
+    wrappers in a multi-worker Ray Train run (an objective is wrapped only when it has parameters)."""
+
+    model: torch.nn.Module
+    objective: Objective
+    model_step: torch.nn.Module
+    objective_step: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    bf16: bool
+    samples_per_class: int  # K of the P x K batches: at least enough for --batch-size over all classes
+    steps_per_epoch: int  # the batches the loader really yields (P x K rows each): the LR schedule counts these
+
+    def train_state(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """The checkpoint's ``train_state.pt`` (the model's weights go to ``model.pt`` on their own)."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "objective": self.objective.state_dict(), "history": history}
+
+    def restore(self, model_state: dict[str, Any], train_state: dict[str, Any]) -> list[dict[str, Any]]:
+        """Load a checkpoint (:func:`lib.checkpoints.load_train_state`'s pair) into these parts, proxies
+        included; returns its history."""
+        self.model.load_state_dict(model_state)
+        self.objective.load_state_dict(train_state["objective"])
+        self.optimizer.load_state_dict(train_state["optimizer"])
+        self.scheduler.load_state_dict(train_state["scheduler"])
+        return train_state["history"]
+
+
+def build_training(cfg: TrainConfig, num_classes: int, rows: int, device: torch.device,
+                   wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Training:
+    """The model (``cfg.backbone`` with ``cfg.weights``), objective (``cfg.loss``), AdamW + schedule and
+    precision of one training run, seeded by ``cfg.seed``, on ``device``.
+
+    ``rows``: train rows this worker sees per epoch (sizes the LR schedule). ``wrap`` prepares a module for
+    distributed training and moves it to ``device`` (the Ray worker passes ``ray.train.torch.prepare_model``);
+    without it the modules are moved to ``device`` as they are."""
+    from lib.backbones import build_model
+    from lib.batching import planned_steps
+    from lib.precision import prepare_for_bf16, uses_bf16
+
+    torch.manual_seed(cfg.seed)
+    bf16 = uses_bf16(cfg.precision, device)
+    model = prepare_for_bf16(build_model(cfg.backbone, cfg.weights, cfg.embedding_dim), bf16)
+    objective = build_objective(cfg, num_classes)
+    model_step = wrap(model) if wrap else model.to(device)
+    model = getattr(model_step, "module", model_step) if wrap else model
+    has_parameters = any(parameter.requires_grad for parameter in objective.parameters())
+    objective_step = wrap(objective) if wrap and has_parameters else objective.to(device)
+    objective = getattr(objective_step, "module", objective_step)
+    samples_per_class = max(cfg.samples_per_class, -(-cfg.batch_size // num_classes))
+    steps_per_epoch = max(1, planned_steps(rows, num_classes, cfg.batch_size, samples_per_class))
+    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch, objective)
+    return Training(model, objective, model_step, objective_step, optimizer, scheduler, bf16, samples_per_class,
+                    steps_per_epoch)
+
+
+# The totals every epoch has (summed over steps, and over ranks by the Ray worker); each objective adds its
+# own stat_names after them.
+BASE_TOTALS = ("loss_sum", "steps", "images", "spread_sum")
+
+
+def total_names(objective: Objective) -> tuple[str, ...]:
+    """The names of the totals :func:`train_epoch` returns for ``objective``, in order."""
+    return (*BASE_TOTALS, *objective.stat_names)
+
+
+def train_epoch(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], objective: torch.nn.Module,
                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                device: torch.device, bf16: bool,
-                on_step: Callable[[int, torch.Tensor], None] | None = None) -> np.ndarray:
+                device: torch.device, bf16: bool, on_step: Callable[[int, torch.Tensor], None] | None = None) -> dict[str, float]:
     """One training pass over ``batches`` of ``{"image": (B, 3, S, S) uint8, "label": (B,)}``; returns the
-    totals named by :data:`EPOCH_TOTALS`. The Ray Train worker and the plain-PyTorch benchmark both run it.
+    totals named by :func:`total_names`: loss, steps, images, spread of the embeddings and the objective's stats,
+    each summed over the steps. The Ray Train worker and the plain-PyTorch benchmark both run it.
 
-    Images are normalised on ``device``. The totals stay a float64 tensor on ``device`` until the epoch ends and
-    are read once, so a step never waits for the GPU to report its loss. ``on_step(step, totals)`` is called
-    after every step with that tensor: reading it (``float(totals[0])``) waits for the GPU, so read it rarely.
+    ``objective`` is an :class:`~lib.losses.Objective` or its DDP wrapper. Images are normalised on ``device``. The totals stay a float64 tensor on ``device`` until the
+    epoch ends and are read once, so a step never waits for the GPU to report its loss. ``on_step(step, totals)``
+    is called after every step with that tensor: reading it (``float(totals[0])``) waits for the GPU, so read it
+    rarely.
     """
+    names = getattr(objective, "module", objective).stat_names  # through a DDP wrapper
     model.train()
-    totals = torch.zeros(len(EPOCH_TOTALS), dtype=torch.float64, device=device)
+    totals = torch.zeros(len(BASE_TOTALS) + len(names), dtype=torch.float64, device=device)
     one = torch.ones((), dtype=torch.float64, device=device)
     for step, batch in enumerate(batches, start=1):
         images = normalize(batch["image"].to(device, non_blocking=True))
-        loss, stats = objective(forward(model, images, bf16), batch["label"].to(device, non_blocking=True))
+        embeddings = forward(model, images, bf16)
+        loss, stats = objective(embeddings, batch["label"].to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        totals += torch.stack([loss.detach().double(), one, one * len(images), stats.active.double(),
-                               stats.valid.double(), stats.spread.double()])
+        totals += torch.stack([loss.detach().double(), one, one * len(images),
+                               pairwise_spread(embeddings.detach()).double(),
+                               *(stats[name].double() for name in names)])
         if on_step is not None:
             on_step(step, totals)
-    return totals.cpu().numpy()
+    return dict(zip((*BASE_TOTALS, *names), totals.cpu().tolist(), strict=True))
+
+
+def epoch_metrics(totals: dict[str, float], objective: Objective) -> dict[str, float]:
+    """The epoch row's training columns from :func:`train_epoch`'s totals (summed over ranks): ``train_loss`` and
+    ``spread`` (means over steps) and the objective's own (:meth:`~lib.losses.Objective.epoch_metrics`)."""
+    steps = max(1.0, totals["steps"])
+    return {"train_loss": totals["loss_sum"] / steps, "spread": totals["spread_sum"] / steps,
+            **objective.epoch_metrics(totals)}
 
 
 def augmented_batches(images: torch.Tensor, labels: torch.Tensor, batch_index: np.ndarray | torch.Tensor,

@@ -1,4 +1,4 @@
-"""The driver side of triplet fine-tuning: one Ray Train ``TorchTrainer`` per backbone, several at once.
+"""The driver side of metric-learning fine-tuning: one Ray Train ``TorchTrainer`` per backbone, several at once.
 
 :func:`train_backbones` plans the workers, skips finished backbones, runs the others side by side
 (each :func:`fit_backbone` in a zero-CPU task) and keeps going when one fails. Each writes
@@ -34,7 +34,7 @@ from lib.errors import UserError, disk_error, failure_reason
 from lib.io import atomic_copy, atomic_open, ensure_writable_dir, write_json
 from lib.paths import RunPaths
 from lib.planning import TrainPlan, plan_training
-from lib.training import METRIC, TrainConfig, best_epoch
+from lib.training import METRIC, TrainConfig, WorkerContext, best_epoch
 from onray.data import augmented_dataset, default_num_blocks
 from onray.plan import (
     check_cuda_on_a_gpu_node,
@@ -143,8 +143,8 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_pe
     resources = {"CPU": 1, "GPU": gpu_share(cfg.gpus_per_worker) or 1} if use_gpu else {"CPU": 1}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": to_dict(cfg), "rows_per_worker": rows // cfg.num_workers,
-                           "num_classes": num_classes, "trainers_per_node": trainers_per_node, "progress": progress},
+        train_loop_config=WorkerContext(cfg, num_classes, rows // cfg.num_workers, trainers_per_node,
+                                        progress).as_loop_config(),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage, callbacks=callbacks,

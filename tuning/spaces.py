@@ -6,6 +6,7 @@ finds can go into ``best.json`` and from there into ``jobs.train --hparams``. Ki
     margin: {uniform: [0.05, 0.5]}          # float in [low, high]
     lr: {loguniform: [1.0e-4, 1.0e-2]}      # float, uniform in log space (low > 0)
     miner: {choice: [all, hard]}            # one of the values, drawn at random
+    loss: {choice: [triplet, proxy_anchor]} # objectives are keys like any other (lib.losses)
     embedding_dim: {grid: [64, 128]}        # every value in turn (random search only)
     weight_decay: 1.0e-4                    # a bare value fixes the key
 
@@ -23,6 +24,7 @@ from typing import Any, Literal
 
 from lib.config import coerce, load_yaml
 from lib.errors import UserError
+from lib.losses import check_objective
 from lib.training import HPARAM_KEYS, TrainConfig
 
 Kind = Literal["uniform", "loguniform", "choice", "grid", "fixed"]
@@ -36,7 +38,10 @@ SPACES: dict[str, dict[str, Any]] = {
               "miner": {"choice": ["all", "hard"]}},
     "full": {"margin": {"uniform": [0.05, 0.5]}, "lr": {"loguniform": [3e-5, 3e-3]},
              "miner": {"choice": ["semihard", "hard", "all"]}, "weight_decay": {"loguniform": [1e-5, 1e-3]},
-             "embedding_dim": {"choice": [64, 128, 256]}},
+             "embedding_dim": {"choice": [64, 128, 256]},
+             # the margin and miner above are the triplet loss's: a space that searches loss names it (loss:
+             # {choice: [triplet, proxy_anchor, ...]}) in its own file
+             "loss": "triplet"},
 }
 
 
@@ -79,16 +84,22 @@ def check_space(raw: Any, source: str) -> Space:
     return space
 
 
+def _checked_value(key: str, value: Any) -> Any:
+    if key == "loss":
+        check_objective(value)  # an unknown objective fails here, before any trial starts
+    return value
+
+
 def _check_dimension(key: str, spec: Any, where: str) -> Dimension:
     tp = _field_type(key)
     if not isinstance(spec, Mapping):
-        return Dimension("fixed", (coerce(tp, spec, where),))
+        return Dimension("fixed", (_checked_value(key, coerce(tp, spec, where)),))
     if len(spec) != 1 or next(iter(spec)) not in KINDS:
         raise UserError(f"{where}: expected one of {', '.join(KINDS)} (or a bare value), got {dict(spec)!r}")
     kind, args = next(iter(spec.items()))
     if not isinstance(args, (list, tuple)) or not args:
         raise UserError(f"{where}: {kind} takes a non-empty list, got {args!r}")
-    values = tuple(coerce(tp, value, where) for value in args)
+    values = tuple(_checked_value(key, coerce(tp, value, where)) for value in args)
     if kind in ("uniform", "loguniform"):
         if tp is not float:
             raise UserError(f"{where}: {kind} needs a float option; use choice or grid for {key}")

@@ -1,6 +1,7 @@
 """jobs.train end to end on a local Ray: Ray Data -> Ray Train (DDP), faults, resume, several backbones."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ from PIL import Image
 
 from jobs import prepare, train
 from lib.backbones import build_model
+from lib.checkpoints import load_train_state
+from lib.losses import COLLAPSE_SPREAD
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -90,3 +93,39 @@ def test_offline_imagenet_weights_fail_with_one_line(data_dir, tmp_path, capsys,
     lines = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[")]
     assert code == 2 and lines == [lines[0]]
     assert "cannot load ImageNet weights for densenet121" in lines[0] and "--weights none" in lines[0]
+
+
+@pytest.mark.parametrize("loss, column", [("triplet", "active_fraction"), ("multi_similarity", "mined_pair_fraction"),
+                                          ("proxy_anchor", "proxy_accuracy"), ("supcon", "similarity_gap")])
+def test_each_loss_trains_on_the_smoke_preset_and_reports_its_own_statistics(data_dir, tmp_path, loss, column):
+    run = tmp_path / "run"
+    assert smoke(data_dir, run, "--backbones", "resnet50", "--loss", loss, "--epochs", "2") == 0
+    rows = history(run, "resnet50")
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r[column]) and r["spread"] > COLLAPSE_SPREAD
+               and 0 <= r["val_map@5"] <= 1 for r in rows[1:])
+    assert json.loads((run / "models" / "resnet50" / "summary.json").read_text())["config"]["loss"] == loss
+
+
+def test_a_resumed_two_worker_proxy_anchor_run_continues_from_its_checkpointed_proxies(data_dir, tmp_path):
+    run = tmp_path / "run"
+    args = ("--backbones", "resnet50", "--loss", "proxy_anchor", "--epochs", "2", "--num-workers", "2")  # DDP
+    assert smoke(data_dir, run, *args, "--inject-failure", "resnet50:2", "--max-failures", "0") == 1
+    def checkpoints():  # beside them, Ray's checkpoint_manager_snapshot.json
+        return [path for path in (run / "models" / "resnet50").glob("resnet50-*/checkpoint_*") if path.is_dir()]
+
+    [checkpoint] = checkpoints()  # epoch 1's
+    # Plant proxies 1,000 times longer than any a fresh start (norm ~5) or a few AdamW steps give: the losses
+    # read proxies by cosine, so training goes on as before, but where the resumed run started is plain to see.
+    state = torch.load(checkpoint / "train_state.pt", weights_only=True)
+    planted = state["objective"]["loss.proxies"] * 1000
+    state["objective"]["loss.proxies"] = planted
+    torch.save(state, checkpoint / "train_state.pt")
+
+    assert smoke(data_dir, run, *args) == 0
+    rows = history(run, "resnet50")
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[2]["resumed_from"] == 1
+    states = [load_train_state(folder)[1] for folder in checkpoints()]
+    [after] = [s["objective"]["loss.proxies"] for s in states if s["history"][-1]["epoch"] == 2]
+    assert after.shape == planted.shape and not torch.equal(after, planted)  # epoch 2 trained them on
+    assert float((after - planted).norm() / planted.norm()) < 0.01  # from the checkpoint's proxies

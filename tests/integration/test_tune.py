@@ -115,3 +115,24 @@ def test_concurrent_trials_leave_room_for_workers_and_ray_data():
     assert concurrent_trials(workers=1, use_gpu=True, cpus=32, gpus=4) == 4
     assert concurrent_trials(workers=2, use_gpu=True, cpus=32, gpus=4) == 2
     assert concurrent_trials(workers=4, use_gpu=True, cpus=8, gpus=8) == 1
+
+
+def test_tune_searches_the_loss_like_any_key_and_train_takes_the_winner(tmp_path):
+    from tests.conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images", train_per_class=32, test_per_class=4)
+    data = prepare.main(prepare.PrepareConfig(source=f"imagefolder:{folder}", data_dir=str(tmp_path / "data"),
+                                              val_fraction=0.25))
+    (tmp_path / "space.yaml").write_text("loss: {grid: [multi_similarity, proxy_anchor]}\nlr: 2.0e-3\n")
+    code = tune.cli(["--data-dir", str(data), "--run-dir", str(tmp_path / "run"), "--backbone", "resnet50",
+                     "--preset", "smoke", "--space", str(tmp_path / "space.yaml"), "--num-samples", "1",
+                     "--epochs", "1", "--grace-period", "1"])
+    assert code == 0
+    out = tmp_path / "run" / "tune" / "resnet50"
+    rows = table(out)
+    assert sorted(row["loss"] for row in rows) == ["multi_similarity", "proxy_anchor"]
+    assert all(row["status"] == "completed" and 0 <= float(row[f"best {METRIC}"]) <= 1 for row in rows)
+    best = json.loads((out / "best.json").read_text())
+    assert best["loss"] in ("multi_similarity", "proxy_anchor") and best["lr"] == 2e-3
+    cfg = parse_config(TrainConfig, ["--data-dir", "d", "--run-dir", "r", "--hparams", str(out / "best.json")])
+    assert cfg.resolve().loss == best["loss"]

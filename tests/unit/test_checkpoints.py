@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from lib.backbones import build_model
-from lib.checkpoints import MODEL_FILE, TRAIN_STATE_FILE, load_train_state
+from lib.checkpoints import MODEL_FILE, TRAIN_STATE_FILE, load_train_state, write_checkpoint
 from lib.errors import UserError
+from lib.losses import ProxyAnchorObjective
 from lib.training import TrainConfig, make_optimizer
 
 
@@ -32,19 +33,22 @@ def _tiny_model():
                                torch.nn.Flatten(), torch.nn.Linear(4, 8))
 
 
-def _training_parts(model_name="tiny", steps_per_epoch=2):
+def _training_parts(model_name="tiny", steps_per_epoch=2, seed=0):
+    """A model, a proxy objective (3 classes, D = 8) and their AdamW + LambdaLR."""
     cfg = TrainConfig(data_dir="d", run_dir="r", backbones=("resnet50",), preset="smoke").resolve()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model("resnet50", "none", 8) if model_name == "resnet50" else _tiny_model()
-    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch)
-    return model, optimizer, scheduler
+    objective = ProxyAnchorObjective(num_classes=3, embedding_dim=8)
+    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch, objective)
+    return model, objective, optimizer, scheduler
 
 
 def save_real_checkpoint(folder, model_name="tiny"):
-    """One training step of a model + AdamW + LambdaLR, saved exactly as onray.train_loop._report does."""
-    model, optimizer, scheduler = _training_parts(model_name)
+    """One training step of a model + proxy objective + AdamW + LambdaLR, saved as onray.train_loop._report does
+    (:func:`lib.checkpoints.write_checkpoint`)."""
+    model, objective, optimizer, scheduler = _training_parts(model_name)
     model.train()
-    loss = model(torch.randn(4, 3, 32, 32)).sum()
+    loss, _ = objective(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 0, 1, 2]))
     loss.backward()
     optimizer.step()
     scheduler.step()
@@ -53,27 +57,32 @@ def save_real_checkpoint(folder, model_name="tiny"):
                 "steps": 1, "images_per_s": 10.5, "epoch_seconds": 0.4, "val_loss": 0.17, "val_map@5": 0.3,
                 "val_p@5": 0.35, "resumed_from": 0, "note": "a string"}]
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), folder / MODEL_FILE)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history},
-               folder / TRAIN_STATE_FILE)
-    return model, optimizer, scheduler, history
+    write_checkpoint(folder, model.state_dict(), {"optimizer": optimizer.state_dict(),
+                                                  "scheduler": scheduler.state_dict(),
+                                                  "objective": objective.state_dict(), "history": history})
+    return model, objective, optimizer, scheduler, history
 
 
 @pytest.mark.parametrize("model_name", ["resnet50", "tiny"])
 def test_a_real_checkpoint_loads_and_resumes(tmp_path, model_name):
-    model, optimizer, scheduler, history = save_real_checkpoint(tmp_path / "ckpt", model_name)
+    model, objective, optimizer, scheduler, history = save_real_checkpoint(tmp_path / "ckpt", model_name)
     model_state, state = load_train_state(tmp_path / "ckpt", "cpu")
     assert state["history"] == history
-    fresh, fresh_optimizer, fresh_scheduler = _training_parts(model_name)
+    fresh, fresh_objective, fresh_optimizer, fresh_scheduler = _training_parts(model_name, seed=1)
+    assert not torch.equal(fresh_objective.loss.proxies, objective.loss.proxies)  # another start
     fresh.load_state_dict(model_state)  # strict, with the state dict's _metadata
+    fresh_objective.load_state_dict(state["objective"])
     fresh_optimizer.load_state_dict(state["optimizer"])
     fresh_scheduler.load_state_dict(state["scheduler"])
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, fresh.state_dict()[name]), name
+    assert torch.equal(fresh_objective.loss.proxies, objective.loss.proxies)  # the proxies came back
     assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr() and fresh_scheduler.last_epoch == 1
     saved, loaded = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
     assert saved.keys() == loaded.keys() and len(saved) > 0
     assert all(torch.equal(saved[k]["exp_avg"], loaded[k]["exp_avg"]) for k in saved)
+    proxy_group = fresh_optimizer.param_groups[-1]
+    assert proxy_group["params"] == [fresh_objective.loss.proxies] and proxy_group["weight_decay"] == 0.0
 
 
 def test_the_crafted_file_would_run_code_without_weights_only(tmp_path):
@@ -105,7 +114,8 @@ def test_a_crafted_checkpoint_file_is_refused_without_running_it(tmp_path, targe
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing", "not_a_train_state", "no_history"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing", "not_a_train_state", "no_history",
+                                    "no_objective"])
 def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, damage):
     folder = tmp_path / "ckpt"
     save_real_checkpoint(folder)
@@ -118,8 +128,12 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, damage):
         path.unlink()
     elif damage == "not_a_train_state":
         torch.save([1, 2, 3], path)
+    elif damage == "no_objective":  # proxies that cannot be restored: not a state to resume from
+        state = torch.load(path, weights_only=True)
+        del state["objective"]
+        torch.save(state, path)
     else:
-        torch.save({"optimizer": {}, "scheduler": {}, "history": []}, path)
+        torch.save({"optimizer": {}, "scheduler": {}, "objective": {}, "history": []}, path)
     with pytest.raises(UserError) as err:
         load_train_state(folder, "cpu")
     message = str(err.value)

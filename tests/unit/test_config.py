@@ -3,7 +3,7 @@ from typing import Literal
 
 import pytest
 
-from lib.config import from_dict, option, parse_config, to_dict
+from lib.config import build_parser, from_dict, option, parse_config, to_dict
 from lib.errors import UserError
 
 
@@ -75,3 +75,43 @@ def test_from_dict_round_trip_and_rejects_unknown_keys():
         from_dict(Example, {**to_dict(cfg), "lrr": 1})
     with pytest.raises(FrozenInstanceError):
         cfg.epochs = 1
+
+
+@dataclass(frozen=True)
+class Inner:
+    temperature: float = option(0.1, help="softmax temperature")
+    name: Literal["a", "b"] = option("a")
+
+
+@dataclass(frozen=True)
+class Outer:
+    """A job with a nested config."""
+
+    data_dir: str = option(help="where")
+    inner: Inner = option(default_factory=Inner, help="the nested settings")
+
+
+def test_a_nested_config_gets_prefixed_flags_and_a_yaml_mapping(tmp_path):
+    assert parse_config(Outer, ["--data-dir", "D"]) == Outer(data_dir="D")
+    cfg = parse_config(Outer, ["--data-dir", "D", "--inner-temperature", "0.5", "--inner-name", "b"])
+    assert cfg.inner == Inner(temperature=0.5, name="b")
+    path = write(tmp_path, "data_dir: /d\ninner:\n  temperature: 0.3\n")
+    assert parse_config(Outer, ["--config", path]).inner == Inner(temperature=0.3)
+    assert parse_config(Outer, ["--config", path, "--inner-name", "b"]).inner == Inner(temperature=0.3, name="b")
+    assert parse_config(Outer, ["--config", path, "--inner-temperature", "0.9"]).inner.temperature == 0.9
+    assert "--inner-temperature" in build_parser(Outer, "job").format_help()
+
+
+def test_a_nested_config_round_trips_and_rejects_unknown_or_bad_keys(tmp_path):
+    cfg = Outer(data_dir="D", inner=Inner(temperature=0.2, name="b"))
+    assert to_dict(cfg) == {"data_dir": "D", "inner": {"temperature": 0.2, "name": "b"}}
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+    with pytest.raises(UserError, match="unknown key 'temprature' in key 'inner' in config"):
+        from_dict(Outer, {"data_dir": "D", "inner": {"temprature": 0.2}})
+    with pytest.raises(UserError) as err:
+        parse_config(Outer, ["--config", write(tmp_path, "data_dir: d\ninner: {temperature: 0.1, colour: red}\n")])
+    assert "unknown key 'colour'" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError, match="--inner-temperature: expected float, got 'hot'"):
+        parse_config(Outer, ["--data-dir", "D", "--inner-temperature", "hot"])
+    with pytest.raises(UserError, match="key 'inner' in config: expected a mapping of temperature, name"):
+        from_dict(Outer, {"data_dir": "D", "inner": 3})

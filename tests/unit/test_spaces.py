@@ -74,11 +74,11 @@ def test_bad_flags_fail_with_one_line(tmp_path, capsys):
 
 ROWS = [
     {"trial_id": "a_00000", "margin": 0.2, "lr": 2e-3, "miner": "all", "embedding_dim": 32, "weight_decay": 1e-4,
-     "epochs": 3, "best": 0.61, "status": "completed"},
+     "loss": "triplet", "epochs": 3, "best": 0.61, "status": "completed"},
     {"trial_id": "a_00001", "margin": 0.4, "lr": 1e-5, "miner": "all", "embedding_dim": 32, "weight_decay": 1e-4,
-     "epochs": 1, "best": 0.30, "status": "stopped early"},
+     "loss": "triplet", "epochs": 1, "best": 0.30, "status": "stopped early"},
     {"trial_id": "a_00002", "margin": 0.1, "lr": 5e-3, "miner": "all", "embedding_dim": 32, "weight_decay": 1e-4,
-     "epochs": 0, "best": None, "status": "error"},
+     "loss": "supcon", "epochs": 0, "best": None, "status": "error"},
 ]
 
 
@@ -90,7 +90,7 @@ def test_trial_table_marks_the_best_trial_and_best_json_is_what_train_reads(tmp_
 
     document = report.write_report(tmp_path, ROWS, ["margin", "lr"], "resnet50", "smoke")
     assert json.loads((tmp_path / "best.json").read_text()) == document == {
-        "margin": 0.2, "lr": 2e-3, "miner": "all", "embedding_dim": 32, "weight_decay": 1e-4,
+        "margin": 0.2, "lr": 2e-3, "miner": "all", "embedding_dim": 32, "weight_decay": 1e-4, "loss": "triplet",
         "val_map@5": 0.61, "backbone": "resnet50", "preset": "smoke"}
     assert load_hparams(tmp_path / "best.json") == {k: document[k] for k in HPARAM_KEYS}
     resolved = TrainConfig(data_dir="d", run_dir="r", preset="quick", hparams=str(tmp_path / "best.json")).resolve()

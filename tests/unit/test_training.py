@@ -89,14 +89,14 @@ def test_balanced_stream_stops_at_the_planned_steps():
 
 
 def test_epoch_totals_kept_on_the_device_equal_per_step_reads():
-    """train_epoch sums loss, triplet counts and spread as tensors and reads them once; the old loop read every
-    step with .item() (and counted valid triplets with torch.unique). Same numbers."""
+    """train_epoch sums loss, spread and the objective's stats (triplet counts) as tensors and reads them once;
+    the old loop read every step with .item() (and counted valid triplets with torch.unique). Same numbers."""
     import copy
 
     import torch
 
     from lib.losses import TripletObjective, mean_pairwise_distance
-    from lib.training import EPOCH_TOTALS, train_epoch
+    from lib.training import epoch_metrics, total_names, train_epoch
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16))
@@ -114,11 +114,13 @@ def test_epoch_totals_kept_on_the_device_equal_per_step_reads():
     totals = train_epoch(model, batches, objective, *optimiser(model), torch.device("cpu"), False,
                          on_step=lambda step, t: seen.append(float(t[1])))
     assert seen == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert tuple(totals) == total_names(objective) == ("loss_sum", "steps", "images", "spread_sum", "mined",
+                                                       "active", "valid")
 
     from lib.augment import normalize
 
     optimizer, scheduler = optimiser(reference)
-    expected = np.zeros(len(EPOCH_TOTALS))
+    expected = dict.fromkeys(totals, 0.0)
     for batch in batches:
         embeddings = reference(normalize(batch["image"]))
         loss, stats = objective(embeddings, batch["label"])
@@ -128,7 +130,30 @@ def test_epoch_totals_kept_on_the_device_equal_per_step_reads():
         scheduler.step()
         _, counts = torch.unique(batch["label"], return_counts=True)
         valid = int((counts * (counts - 1) * (len(batch["label"]) - counts)).sum())
-        expected += [loss.item(), 1, len(batch["label"]), int(stats.active), valid,
-                     mean_pairwise_distance(embeddings.detach())]
-    assert totals[EPOCH_TOTALS.index("active")] > 0 and totals[EPOCH_TOTALS.index("valid")] == 5 * 288
-    np.testing.assert_allclose(totals, expected, rtol=1e-6)
+        for name, value in (("loss_sum", loss.item()), ("steps", 1), ("images", len(batch["label"])),
+                            ("spread_sum", mean_pairwise_distance(embeddings.detach())),
+                            ("mined", int(stats["mined"])), ("active", int(stats["active"])), ("valid", valid)):
+            expected[name] += value
+    assert totals["active"] > 0 and totals["valid"] == 5 * 288
+    np.testing.assert_allclose(list(totals.values()), list(expected.values()), rtol=1e-6)
+    row = epoch_metrics(totals, objective)
+    assert row == pytest.approx({"train_loss": expected["loss_sum"] / 5, "spread": expected["spread_sum"] / 5,
+                                 "active_fraction": expected["active"] / expected["valid"]})
+
+
+def test_the_worker_context_crosses_as_plain_values_and_is_checked_on_arrival():
+    from lib.config import to_dict
+    from lib.training import WorkerContext
+
+    cfg = TrainConfig(data_dir="d", run_dir="r", preset="smoke", loss="proxy_anchor").resolve()
+    context = WorkerContext(cfg, num_classes=10, rows_per_worker=400, trainers_per_node=2)
+    config = context.as_loop_config()
+    assert json.loads(json.dumps(config)) == config  # plain values only (progress is None here)
+    assert WorkerContext.from_loop_config(config) == context
+    with pytest.raises(UserError, match="train_loop_config has keys .*rows_per_workr.*; expected"):
+        WorkerContext.from_loop_config({**{k: v for k, v in config.items() if k != "rows_per_worker"},
+                                        "rows_per_workr": 400})
+    with pytest.raises(UserError, match="unknown key 'marginn' in train_loop_config"):
+        WorkerContext.from_loop_config({**config, "train": {**to_dict(cfg), "marginn": 0.1}})
+    with pytest.raises(UserError, match="unknown loss 'arcfac'"):
+        WorkerContext.from_loop_config({**config, "train": {**to_dict(cfg), "loss": "arcfac"}})
