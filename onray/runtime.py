@@ -14,6 +14,7 @@ from lib import console
 from lib.console import log
 from lib.devices import available_cpus
 from lib.errors import EnvironmentProblem, UserError
+from onray.ray_lines import ray_error_line
 
 # A local Ray that fails to start (its dashboard or GCS not up in time on a busy machine) is started again
 # this many times in all, each time in a fresh temporary folder, after a pause that grows.
@@ -113,7 +114,7 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
 
 def route_worker_lines() -> None:
     """Send what Ray workers print (forwarded to this driver) to the log file, showing on the terminal only our
-    own lines and Ray's error lines (:func:`lib.console.routine_ray_line` decides).
+    own lines and Ray's error lines (:func:`onray.ray_lines.ray_error_line` decides).
 
     Ray hands each batch of forwarded lines to the handlers of its driver-side dispatcher; the stock handler
     prints them all. That dispatcher is not public API: if a Ray release renames it, the lines keep going to
@@ -139,7 +140,7 @@ def _worker_lines(data: dict[str, Any]) -> None:
             console.show(line)
         elif data.get("pid") == "raylet" and not line.lstrip().startswith(("WARNING", "INFO")):
             console.show(f"(raylet) {line}")  # a pushed error (a worker lost, out of memory): people need it
-        elif console.ray_error_line(line):
+        elif ray_error_line(line):
             console.show(f"{who} {line}")
         else:
             console.to_log_file(f"{who} {line}")
