@@ -14,16 +14,6 @@ CPP_HARMLESS = ("[2026-11-30 01:03:09,227 E 24462 24462] core_worker.cc:2465: Ac
                 "ID: 'd7f9' has constructor arguments in the object store and max_restarts > 0. If the arguments")
 
 
-def test_the_ray_hook_for_worker_lines_exists():
-    """onray.runtime.route_worker_lines replaces a handler of Ray's driver-side dispatcher of forwarded worker
-    lines; if a Ray release renames it, worker chatter would reach the terminal again: this fails first."""
-    from ray._private import worker
-
-    dispatcher = worker.global_worker_stdstream_dispatcher
-    assert callable(dispatcher.add_handler) and callable(dispatcher.remove_handler)
-    assert callable(worker.print_to_stdstream)  # what Ray's error listener prints the raylet's messages with
-
-
 def test_verbose_is_a_flag_of_every_job_and_not_a_setting(tmp_path):
     cfg = parse_config(TrainConfig, ["--data-dir", str(tmp_path), "--run-dir", str(tmp_path), "--verbose"])
     assert not hasattr(cfg, "verbose")
