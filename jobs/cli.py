@@ -7,12 +7,12 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 from lib import console as lib_console
 from lib.config import parse_config
 from lib.errors import EXIT_ENVIRONMENT, EXIT_USER_ERROR, EnvironmentProblem, UserError, disk_error
+from lib.paths import RunPaths
 from onray.ray_lines import routine_ray_line
 
 C = TypeVar("C")
@@ -49,7 +49,7 @@ def run_job(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] |
     try:
         config = parse_config(config_cls, argv, prog=prog)
         if getattr(config, "run_dir", None):
-            lib_console.use_log_dir(Path(config.run_dir).expanduser() / "logs")
+            lib_console.use_log_dir(RunPaths.of(config.run_dir).logs)
         main(config)
     except UserError as err:
         lib_console.error(f"{prog}: error: {err}")

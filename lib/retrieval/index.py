@@ -14,11 +14,12 @@ import platform
 import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from lib import devices
+from lib.devices import UseGpu
 from lib.errors import UserError
 
 
@@ -96,8 +97,6 @@ def _import_faiss() -> ModuleType:
 
 faiss = _import_faiss()
 
-UseGpu = bool | Literal["auto", "true", "false"]
-
 # faiss's GPU k-selection handles at most this many neighbours per query; larger searches
 # (MAP@R against a big gallery) run on the CPU index instead.
 GPU_MAX_K = 2048
@@ -125,7 +124,7 @@ def faiss_gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
 
 
-def resolve_use_gpu(use_gpu: UseGpu) -> bool:
+def faiss_uses_gpu(use_gpu: UseGpu | bool) -> bool:
     """``"auto"`` -> a GPU if faiss sees one; ``True``/``"true"`` insist on one, ``False``/``"false"`` never
     (:func:`lib.devices.resolve_use_gpu` over :func:`faiss_gpus`)."""
     return devices.resolve_use_gpu(use_gpu, faiss_gpus(), "faiss", "it needs faiss-gpu on a CUDA machine")
@@ -152,14 +151,14 @@ def _as_search_array(embeddings: np.ndarray, name: str) -> np.ndarray:
     return array
 
 
-def build_index(gallery: np.ndarray, use_gpu: UseGpu = "auto", max_k: int | None = None) -> GalleryIndex:
+def build_index(gallery: np.ndarray, use_gpu: UseGpu | bool = "auto", max_k: int | None = None) -> GalleryIndex:
     """An exact ``IndexFlatIP`` over ``gallery`` (N, D), L2-normalised float32 expected.
 
     ``max_k`` is the largest k this index will be searched with; above :data:`GPU_MAX_K` the
     index stays on the CPU even when a GPU is available (faiss's GPU search cannot return more).
     """
     gallery = _as_search_array(gallery, "gallery")
-    on_gpu = resolve_use_gpu(use_gpu) and (max_k is None or max_k <= GPU_MAX_K)
+    on_gpu = faiss_uses_gpu(use_gpu) and (max_k is None or max_k <= GPU_MAX_K)
     index = faiss.IndexFlatIP(gallery.shape[1])
     resources = None
     if on_gpu:
@@ -212,7 +211,7 @@ def search(index: GalleryIndex, queries: np.ndarray, k: int,
 
 
 def knn(queries: np.ndarray, gallery: np.ndarray, k: int, exclude_self: bool = False,
-        use_gpu: UseGpu = "auto") -> tuple[np.ndarray, np.ndarray]:
+        use_gpu: UseGpu | bool = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours by inner product (cosine on L2-normalised inputs).
 
     ``queries`` (Q, D) and ``gallery`` (N, D), float32, L2-normalised (see :func:`l2_normalize`).
