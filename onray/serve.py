@@ -111,7 +111,7 @@ def parse_k(value: Any) -> int:
 # value when the class is defined, with the module names the routes use as they are at that moment: what the
 # routes call is defined above this line.
 app = FastAPI(title="run gallery", docs_url=None, redoc_url=None, openapi_url=None)
-GET = ["GET", "HEAD"]
+GET_OR_HEAD = ["GET", "HEAD"]
 
 
 @app.middleware("http")
@@ -131,7 +131,7 @@ async def nothing_served_here(request: Request, err: HTTPException) -> JSONRespo
     path, method = request.url.path, request.method
     if err.status_code not in (404, 405):
         return error_answer(request, BadRequest(err.status_code, str(err.detail)))
-    if method not in GET:
+    if method not in GET_OR_HEAD:
         return error_answer(request, BadRequest(405, f"{method} {path} is not served (POST /search, GET for the rest)"))
     return error_answer(request, BadRequest(404, f"nothing at {path} (see / for the page, POST /search for the API)"))
 
@@ -179,27 +179,27 @@ class GalleryService:
             self.searchers[model] = Searcher(self.run, model)  # a UserError for an unknown model
         return self.searchers[model]
 
-    @app.api_route("/", methods=GET)
-    @app.api_route("/index.html", methods=GET)
+    @app.api_route("/", methods=GET_OR_HEAD)
+    @app.api_route("/index.html", methods=GET_OR_HEAD)
     async def page(self) -> FileResponse:
         return FileResponse(PAGE / "index.html", media_type=PAGE_TYPES[".html"])
 
-    @app.api_route("/page/{name:path}", methods=GET)
+    @app.api_route("/page/{name:path}", methods=GET_OR_HEAD)
     async def page_file(self, name: str) -> FileResponse:
         if "/" in name or not (PAGE / name).is_file() or Path(name).suffix not in PAGE_TYPES:
             raise UnknownImage(f"no page file {name!r}")
         return FileResponse(PAGE / name, media_type=PAGE_TYPES[Path(name).suffix])
 
-    @app.api_route("/api/run", methods=GET)
+    @app.api_route("/api/run", methods=GET_OR_HEAD)
     async def run_overview(self) -> JSONResponse:
         return JSONResponse(self.overview())
 
-    @app.api_route("/image/{image_id:path}", methods=GET)
+    @app.api_route("/image/{image_id:path}", methods=GET_OR_HEAD)
     async def image(self, image_id: str) -> Response:
         png = self.images.png(image_id)
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
-    @app.api_route("/figure/{name:path}", methods=GET)
+    @app.api_route("/figure/{name:path}", methods=GET_OR_HEAD)
     async def figure(self, name: str) -> FileResponse:
         from lib.gallery import figure_path
 
