@@ -10,6 +10,8 @@ One module per suite, each with ``run(cfg, work) -> dict`` and ``summary(result)
 - :mod:`benchmarks.retrieval`: :mod:`lib.retrieval` vs bare faiss vs a per-query scikit-learn loop.
 - :mod:`benchmarks.tsne`: :func:`lib.clustering.tsne_2d` vs scikit-learn's ``TSNE``.
 - :mod:`benchmarks.embed`: the Ray Data actor pool (:mod:`onray.embed`) vs a plain inference loop.
+- :mod:`benchmarks.serve`: the run gallery's ``POST /search`` on Ray Serve (:mod:`onray.serve`): warm
+  latency and throughput over HTTP from loopback, against the goals it names (no baseline of its own).
 
 Both sides of every ratio are measured in the same run on the same machine and data, interleaved
 round by round (:func:`benchmarks.common.interleave`), and medians are reported, so a busy or drifting

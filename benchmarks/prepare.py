@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import BenchmarkConfig
+from benchmarks.common import BenchmarkConfig, significant
 from lib.console import log
 from lib.data.reader import PreparedData
 from lib.errors import UserError
@@ -55,10 +55,10 @@ def run(cfg: BenchmarkConfig, work: Path) -> dict:
     decode = data.manifest["timing"]["decode_write_seconds"]
     return {
         "images": n,
-        "plain_pil_seconds": round(pil_seconds, 2), "plain_pil_images_per_s": round(n / pil_seconds),
-        "prepare_wall_seconds": round(wall, 2), "prepare_images_per_s_wall": round(n / wall),
+        "plain_pil_seconds": significant(pil_seconds), "plain_pil_images_per_s": round(n / pil_seconds),
+        "prepare_wall_seconds": significant(wall), "prepare_images_per_s_wall": round(n / wall),
         "prepare_decode_write_seconds": decode, "prepare_images_per_s_decode_write": round(n / decode),
-        "ratio_wall": round(pil_seconds / wall, 2), "ratio_decode_write": round(pil_seconds / decode, 2),
+        "ratio_wall": significant(pil_seconds / wall), "ratio_decode_write": significant(pil_seconds / decode),
     }
 
 

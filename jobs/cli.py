@@ -7,12 +7,13 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 from lib import console as lib_console
 from lib.config import parse_config
 from lib.errors import EXIT_ENVIRONMENT, EXIT_USER_ERROR, EnvironmentProblem, UserError, disk_error
+from lib.paths import RunPaths
+from onray.ray_lines import routine_ray_line
 
 C = TypeVar("C")
 
@@ -37,18 +38,19 @@ def run_job(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] |
     failed) one line and exit 1.
 
     ``console``: when run from the command line (:func:`command_line`), route the terminal for a Ray job
-    (:func:`lib.console.start`): Ray's own lines go to the job's log file, ``RUN/logs/`` when the job has a
-    ``run_dir`` (the temporary folder otherwise), unless ``--verbose``. Called as a function (tests, notebooks),
+    (:func:`lib.console.start`): Ray's own routine lines (:func:`onray.ray_lines.routine_ray_line`) go to the job's
+    log file, ``RUN/logs/`` when the job has a ``run_dir`` (the temporary folder otherwise), unless ``--verbose``. Called as a function (tests, notebooks),
     the process's stderr is left alone.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if console and _command_line and not {"-h", "--help"} & set(argv):
         lib_console.start(prog.removeprefix("jobs."), None,
-                          verbose="--verbose" in argv or bool(os.environ.get("CIFAR_EMBED_VERBOSE")))
+                          verbose="--verbose" in argv or bool(os.environ.get("CIFAR_EMBED_VERBOSE")),
+                          log_only=routine_ray_line)
     try:
         config = parse_config(config_cls, argv, prog=prog)
         if getattr(config, "run_dir", None):
-            lib_console.use_log_dir(Path(config.run_dir).expanduser() / "logs")
+            lib_console.use_log_dir(RunPaths.of(config.run_dir).logs)
         main(config)
     except UserError as err:
         lib_console.error(f"{prog}: error: {err}")

@@ -5,8 +5,9 @@ Inactive (the default, e.g. inside tests or Ray workers), :func:`log` writes one
 :func:`start`, and from then on, unless ``--verbose``:
 
 - file descriptor 2 is a pipe read by a thread: every line written there (Ray's Python loggers, Ray's C++
-  logging, warnings) goes to the job's log file, and to the terminal only when it is not a routine line of
-  Ray's (:func:`routine_ray_line`) and not known to be harmless (:data:`HARMLESS`);
+  logging, warnings) goes to the job's log file, and to the terminal unless the classifier given to
+  :func:`start` calls it a line for the log file only (the Ray layer's :func:`onray.ray_lines.routine_ray_line`:
+  this module knows nothing of Ray's formats);
 - our own lines, the progress bars and the final error line go to the terminal directly (a copy of the
   original stderr), and to the log file as well.
 
@@ -25,33 +26,22 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
 # How often a progress line is printed when stderr is not a terminal (CI logs, `ray job logs`).
 PLAIN_PROGRESS_EVERY_S = 30.0
 
-# Lines Ray prints that say nothing a user can act on; each names why it is harmless.
-HARMLESS = (
-    # Ray Data's actor pools and Ray Train's PreemptionWatcher are actors with max_restarts > 0 whose constructor
-    # arguments live in the object store; Ray logs this at ERROR level for every such actor it creates. It warns
-    # that a restart could fail if the argument was evicted (ray-project/ray#53727); our jobs do not rely on
-    # such restarts (a failed trainer is restarted whole by Ray Train's FailureConfig).
-    re.compile(r"has constructor arguments in the object store and max_restarts > 0"),
-    # The GCS logs at ERROR level when its KillActor RPC "fails", which is how it ends when the actor is already
-    # gone (ray-project/ray#53412, #58544: the log was judged noise upstream and lowered in later releases).
-    re.compile(r"Failed to kill actor .*KillActor RPC failed"),
-    # Ray Data deprecation notice from inside Ray Train's own DatasetManager, not from our code.
-    re.compile(r"RayDeprecationWarning: `ExecutionOptions.exclude_resources`"),
-)
-# Ray's Python log lines: "2026-11-30 01:01:15,260\tINFO worker.py:2029 -- ..."
-_RAY_PY = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+\S+:\d+ -- ")
-# Ray's C++ log lines: "[2026-11-30 01:03:09,227 E 24462 24462] core_worker.cc:2465: ..."
-_RAY_CPP = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([DIWEF]) \d+ \d+\] ")
 # The marker line _drain writes to fd 2 to learn that the reader has caught up (never shown or logged).
 _SYNC = "\x00console-sync "
 # Our own lines, also when a Ray worker prints them: "[01:03:00] densenet121: ..."
 OURS = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
+
+
+def show_everything(line: str) -> bool:
+    """The classifier :func:`start` uses when given none: no line of fd 2 is for the log file only."""
+    return False
 
 
 class _Console:
@@ -67,6 +57,7 @@ class _Console:
         self.reader: threading.Thread | None = None
         self.synced = threading.Condition()
         self.marker = self.seen = 0  # the last marker written to fd 2 by _drain, and the last one the reader met
+        self.log_only: Callable[[str], bool] = show_everything  # start()'s classifier of fd 2's lines
 
 
 _console = _Console()
@@ -88,26 +79,6 @@ def is_verbose() -> bool:
 def log_path() -> Path | None:
     """The job's log file (None before :func:`open_log_file` or when the console is inactive)."""
     return _console.log_path if _console.log_file else None
-
-
-def _ray_level(line: str) -> str | None:
-    """The first letter of a Ray log line's level (D, I, W, E, C or F), None for a line not from Ray's logging."""
-    match = _RAY_PY.match(line) or _RAY_CPP.match(line)
-    return match.group(1)[0] if match else None
-
-
-def _harmless(line: str) -> bool:
-    return any(pattern.search(line) for pattern in HARMLESS)
-
-
-def routine_ray_line(line: str) -> bool:
-    """True for a line of Ray's own logging at DEBUG, INFO or WARNING level, and for known-harmless lines."""
-    return _harmless(line) or (_ray_level(line) or "") in ("D", "I", "W")
-
-
-def ray_error_line(line: str) -> bool:
-    """True for a line of Ray's logging at ERROR or FATAL level that is not known to be harmless."""
-    return not _harmless(line) and (_ray_level(line) or "") in ("E", "C", "F")
 
 
 def to_log_file(line: str) -> None:
@@ -172,14 +143,18 @@ def default_log_dir() -> Path:
     return Path(tempfile.gettempdir()) / "cifar-embed-logs"
 
 
-def start(stage: str, log_dir: str | os.PathLike | None, verbose: bool = False) -> None:
+def start(stage: str, log_dir: str | os.PathLike | None, verbose: bool = False,
+          log_only: Callable[[str], bool] = show_everything) -> None:
     """Route this process's console for a job ``stage`` (see the module doc). ``log_dir``: the job's
-    ``RUN/logs`` or None for :func:`default_log_dir`. Called once, by the command-line entry point."""
+    ``RUN/logs`` or None for :func:`default_log_dir`. ``log_only(line)``: True for a line written to fd 2
+    that belongs in the log file only (its indented continuation lines follow it there); the Ray layer
+    gives :func:`onray.ray_lines.routine_ray_line`. Called once, by the command-line entry point."""
     if _console.active:
         return
     stamp = time.strftime("%Y%m%d-%H%M%S")
     _console.log_path = Path(log_dir or default_log_dir()).expanduser().absolute() / f"{stage}-{stamp}-{os.getpid()}.log"
     _console.verbose = verbose
+    _console.log_only = log_only
     _console.active = True
     if verbose:
         return
@@ -237,7 +212,7 @@ def _filter_native_stderr(fd: int) -> None:
                     _console.seen = int(line[len(_SYNC):])
                     _console.synced.notify_all()
                 continue
-            if routine_ray_line(line):
+            if _console.log_only(line):
                 hiding = True
             elif not (hiding and (not line.strip() or line[0].isspace())):
                 hiding = False

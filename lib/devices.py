@@ -10,11 +10,12 @@ from typing import Literal
 
 from lib.errors import UserError
 
+# --use-gpu's values; the functions that take one also take a bool (True = "true", False = "false").
 UseGpu = Literal["auto", "true", "false"]
 USE_GPU_HELP = "auto uses GPUs when there are some; true insists on them; false never uses them"
 
 
-def resolve_use_gpu(use_gpu: str | bool, gpus: int, where: str, hint: str = "") -> bool:
+def resolve_use_gpu(use_gpu: UseGpu | bool, gpus: int, where: str, hint: str = "") -> bool:
     """``auto`` -> True when ``gpus`` > 0; ``true`` insists (a :class:`UserError` naming ``where`` when there
     are none); ``false`` never. ``gpus`` is what the deciding party sees: the Ray cluster's GPU count for
     training and embedding, faiss's for the index."""

@@ -1,8 +1,13 @@
-"""The one error type a user sees.
+"""The errors a user sees as one line, and their exit codes.
 
-Job entry points turn :class:`UserError` into a single line on stderr and exit code 2,
-so bad input never ends in a traceback. Raise it for anything the user can fix (a path,
-a flag, a file); let programming errors propagate as ordinary exceptions.
+Job entry points (``jobs.cli.run_job``) turn each into a single line on stderr, never a traceback:
+
+- :class:`UserError`, exit code 2: bad input the user can fix (a path, a flag, a file). A full,
+  over-quota or read-only disk is one too (:func:`disk_error` makes it).
+- :class:`EnvironmentProblem`, exit code 3: the machine or the cluster failed, not the input.
+
+Programming errors propagate as ordinary exceptions. :func:`failure_reason` says in one line why
+a failure (a Ray error with its causes) happened.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@
     RUN/models/<backbone>/         jobs.train: model.pt, metrics.jsonl, config.json, summary.json, ...
     RUN/tune/<backbone>/           jobs.tune: trials.md, tune.png, best.json, Tune's own folders
     RUN/embeddings/<name>/         jobs.evaluate: {train,val,test}.parquet + source.json per model
+    RUN/subsets/<name>/            training subsets of DATA, written once and read by every trainer and trial
     RUN/eval/                      jobs.evaluate: metrics.json, results.md, pictures, the faiss index
+    RUN/logs/                      every job's log file (<stage>-<time>-<pid>.log: Ray's own lines go there)
     RUN/pipeline.json              jobs.pipeline: stage timings
 """
 
@@ -60,6 +62,11 @@ class RunPaths:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def logs(self) -> Path:
+        """Where each job run on this RUN keeps its log file (:func:`lib.console.use_log_dir`)."""
+        return self.root / "logs"
 
     def subset(self, name: str) -> Path:
         """A training subset of DATA written once for every trainer (:func:`lib.data.subsets.write_subset`)."""

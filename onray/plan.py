@@ -30,12 +30,9 @@ def cluster_cpus_gpus() -> tuple[int, int]:
 def scalable_gpus() -> int:
     """GPUs the cluster's autoscaler can bring up: from the cluster config Ray publishes (autoscaler v2, the
     reading Ray Train itself makes), else from the launcher's config on the head; 0 without an autoscaler."""
-    try:
-        from ray._private.state import state
+    from onray.ray_internals import cluster_config_max_resources
 
-        limits = state.get_max_resources_from_cluster_config() or {}
-    except Exception:  # noqa: BLE001 - a private API: without it, the launcher's file remains
-        limits = {}
+    limits = cluster_config_max_resources()  # {} without it: the launcher's file remains
     if limits.get("GPU"):
         return int(limits["GPU"])
     try:

@@ -14,13 +14,13 @@ from lib import console
 from lib.console import log
 from lib.devices import available_cpus
 from lib.errors import EnvironmentProblem, UserError
+from onray import ray_internals
+from onray.ray_lines import ray_error_line
 
 # A local Ray that fails to start (its dashboard or GCS not up in time on a busy machine) is started again
 # this many times in all, each time in a fresh temporary folder, after a pause that grows.
 START_ATTEMPTS = 3
 START_PAUSE_S = 3.0
-# Ray's environment switch that keeps a node on loopback (see listen_on_loopback).
-LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # How long a node may take to read the storage check's token (a node that is still starting can be slow).
 STORAGE_CHECK_TIMEOUT_S = 120
 
@@ -49,18 +49,14 @@ def listen_on_loopback() -> None:
     ``ray.init(_node_ip_address="127.0.0.1")`` does not do it: Ray swaps a loopback address for the
     machine's routable one, and its GCS, raylet, agents and workers then listen on every interface.
     Ray has one switch that keeps a node on loopback, made for laptops (a macOS/Windows firewall prompt,
-    ray-project/ray#18730): ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes the node IP 127.0.0.1, and Ray's servers
-    bind to the node IP. It is read from the environment by every process Ray starts (they inherit this one's)
-    and once, at import, by this one, hence the module constant beside it. A node on loopback cannot join or
-    be joined by other machines, which is what a local run wants; a cluster run (``RAY_ADDRESS``) never
-    comes here. :func:`init_ray` takes the variable out of the environment again once Ray is up, so a
-    ``ray start`` this process runs later (a test's cluster) is not held to loopback. Checked by
-    tests/integration/test_console.py, which lists a job's listening sockets.
+    ray-project/ray#18730): :data:`onray.ray_internals.LOOPBACK_SWITCH`, set by
+    :func:`onray.ray_internals.hold_node_on_loopback`. A node on loopback cannot join or be joined by other
+    machines, which is what a local run wants; a cluster run (``RAY_ADDRESS``) never comes here. :func:`init_ray`
+    takes the variable out of the environment again once Ray is up, so a ``ray start`` this process runs later
+    (a test's cluster) is not held to loopback. Checked by tests/integration/test_console.py, which lists a
+    job's listening sockets.
     """
-    from ray._private import ray_constants
-
-    os.environ[LOOPBACK_SWITCH] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray_internals.hold_node_on_loopback()
 
 
 def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
@@ -99,12 +95,12 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
         # finds the other one or fails ("Found multiple active Ray instances"), and the cleaner then frees
         # this run's workers. Every process of this Ray inherits this environment, so they all ask this
         # Ray's own dashboard.
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{kwargs['dashboard_port']}"
+        ray_internals.point_state_api_at(kwargs["dashboard_port"])
     num_cpus = num_cpus or local_num_cpus()
     try:
         start_local_ray(num_cpus, **kwargs)
     finally:
-        os.environ.pop(LOOPBACK_SWITCH, None)
+        ray_internals.release_loopback_switch()
     if quiet:
         route_worker_lines()
     console.detail(f"started a local Ray with {num_cpus} logical CPUs "
@@ -113,23 +109,14 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
 
 def route_worker_lines() -> None:
     """Send what Ray workers print (forwarded to this driver) to the log file, showing on the terminal only our
-    own lines and Ray's error lines (:func:`lib.console.routine_ray_line` decides).
+    own lines and Ray's error lines (:func:`onray.ray_lines.ray_error_line` decides).
 
-    Ray hands each batch of forwarded lines to the handlers of its driver-side dispatcher; the stock handler
-    prints them all. That dispatcher is not public API: if a Ray release renames it, the lines keep going to
-    the terminal as before (tests/unit/test_console.py notices).
+    Ray's hook for those lines is not public API (:func:`onray.ray_internals.route_forwarded_worker_lines`): if a
+    Ray release renames it, the lines keep going to the terminal as before (tests/unit/test_ray_internals.py
+    notices). Messages the raylet pushes to the driver (a worker killed for memory, "N worker processes have
+    been started...") come here too.
     """
-    from ray._private import worker as ray_worker
-
-    dispatcher = getattr(ray_worker, "global_worker_stdstream_dispatcher", None)
-    if dispatcher is None or not hasattr(dispatcher, "remove_handler"):
-        return
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("cifar_embed_worker_lines", _worker_lines)
-    # Messages the raylet pushes to the driver (a worker killed for memory, "N worker processes have been
-    # started...") skip the dispatcher: Ray's error listener prints them to stdout through this function.
-    if callable(getattr(ray_worker, "print_to_stdstream", None)):
-        ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: _worker_lines(data)
+    ray_internals.route_forwarded_worker_lines("cifar_embed_worker_lines", _worker_lines)
 
 
 def _worker_lines(data: dict[str, Any]) -> None:
@@ -139,7 +126,7 @@ def _worker_lines(data: dict[str, Any]) -> None:
             console.show(line)
         elif data.get("pid") == "raylet" and not line.lstrip().startswith(("WARNING", "INFO")):
             console.show(f"(raylet) {line}")  # a pushed error (a worker lost, out of memory): people need it
-        elif console.ray_error_line(line):
+        elif ray_error_line(line):
             console.show(f"{who} {line}")
         else:
             console.to_log_file(f"{who} {line}")
@@ -153,7 +140,7 @@ def start_local_ray(num_cpus: int, attempts: int = START_ATTEMPTS, **kwargs: Any
     temp_dir = None
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(address="local", num_cpus=num_cpus, **({"_temp_dir": temp_dir} if temp_dir else {}), **kwargs)
+            ray.init(address="local", num_cpus=num_cpus, **ray_internals.temp_dir_option(temp_dir), **kwargs)
             return
         except Exception as err:  # noqa: BLE001 - Ray raises bare Exception, ConnectionError, RuntimeError here
             ray.shutdown()  # whatever half-started goes

@@ -1,23 +1,26 @@
 """The run gallery on Ray Serve: similarity search over a finished RUN, its pictures and a page to browse them.
 
-One deployment (:class:`Gallery`) behind Serve's HTTP proxy answers
+One deployment (:class:`GalleryService`) behind Serve's HTTP proxy, routed by a FastAPI app through
+``@serve.ingress``, answers
 
-    GET  /                       the page (onray/page: plain HTML, JS and CSS, no build step, no CDN)
+    GET  /  (or /index.html)     the page (onray/page: plain HTML, JS and CSS, no build step, no CDN)
+    GET  /page/<file>            the page's script and style sheet
     GET  /api/run                the run's metrics, models, pictures and the query grid's test ids (JSON)
     POST /search                 form fields: image (a file) or id (a test or train image id); k; model
     GET  /image/<id>             a stored image as PNG
     GET  /figure/<name>.png      a picture of RUN/eval (loss curves, t-SNE, clusters, retrieval grid)
 
-Searching is :class:`lib.search.Searcher`'s, the same as ``jobs.search``'s: the model and the saved faiss
-index are loaded once per replica (other models on first use). Concurrent queries are batched with
-``@serve.batch``: one forward pass and one index search per batch. A bad request gets a 4xx and one line
-(``{"error": ...}``); nothing a client sends takes the replica down.
+(HEAD too wherever GET is.) Searching is :class:`lib.search.Searcher`'s, the same as ``jobs.search``'s: the
+model and the saved faiss index are loaded once per replica (other models on first use). Concurrent queries are
+batched with ``@serve.batch``: one forward pass and one index search per batch. A bad request gets a 4xx and
+one line (``{"error": ...}``), as does a path or method nothing is served at; nothing a client sends takes the
+replica down. FastAPI's generated docs are off: the URLs above are all there is.
 
 ``jobs.serve`` starts it; ``serve run onray.serve:build_app run_dir=RUN [model=NAME]`` does too.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the routes' parameter types (Request) from their
+# annotations, and Serve ships the routes to the replica by value, where a name in a string annotation is unknown.
 import contextlib
 import io
 import time
@@ -26,7 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fastapi import FastAPI, Request
 from ray import serve
+from starlette.exceptions import HTTPException
+from starlette.responses import FileResponse, JSONResponse, Response
 
 from lib.console import log
 from lib.errors import UserError
@@ -80,8 +86,59 @@ def error_status(err: Exception) -> int:
     return 400 if isinstance(err, UserError) else 500
 
 
+def error_answer(request: Request, err: Exception) -> JSONResponse:
+    """The answer to a request that failed: its status (:func:`error_status`) and ``{"error": one line}``.
+    An unexpected failure (500) is logged too."""
+    status = error_status(err)
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if status == 500:
+        reason = f"internal error: {type(err).__name__}: {reason}"
+        log(f"{request.method} {request.url.path}: {reason}")
+    return JSONResponse({"error": reason}, status_code=status)
+
+
+def parse_k(value: Any) -> int:
+    try:
+        k = int(str(value))
+    except ValueError:
+        raise UserError(f"k must be a whole number, got {str(value)[:40]!r}") from None
+    if not 1 <= k <= MAX_K:
+        raise UserError(f"k must be between 1 and {MAX_K}, got {k}")
+    return k
+
+
+# The routes are GalleryService's methods below. serve.ingress ships the app, routes included, to the replica by
+# value when the class is defined, with the module names the routes use as they are at that moment: what the
+# routes call is defined above this line.
+app = FastAPI(title="run gallery", docs_url=None, redoc_url=None, openapi_url=None)
+GET_OR_HEAD = ["GET", "HEAD"]
+
+
+@app.middleware("http")
+async def answer_every_failure(request: Request, call_next) -> Response:
+    """Every failure of a route is an answer (a 4xx for the client's, 500 for ours); the replica stays up."""
+    request.state.started = time.perf_counter()
+    try:
+        return await call_next(request)
+    except Exception as err:  # noqa: BLE001 - every failure is an answer; the replica stays up
+        return error_answer(request, err)
+
+
+@app.exception_handler(HTTPException)
+async def nothing_served_here(request: Request, err: HTTPException) -> JSONResponse:
+    """The router's misses: a method other than GET, HEAD (and POST on /search) is a 405, a path without a
+    route a 404, each with the one line that says what is served."""
+    path, method = request.url.path, request.method
+    if err.status_code not in (404, 405):
+        return error_answer(request, BadRequest(err.status_code, str(err.detail)))
+    if method not in GET_OR_HEAD:
+        return error_answer(request, BadRequest(405, f"{method} {path} is not served (POST /search, GET for the rest)"))
+    return error_answer(request, BadRequest(404, f"nothing at {path} (see / for the page, POST /search for the API)"))
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
-class Gallery:
+@serve.ingress(app)
+class GalleryService:
     """The run gallery's one deployment: page, images, figures and batched search."""
 
     def __init__(self, settings: GallerySettings):
@@ -122,45 +179,35 @@ class Gallery:
             self.searchers[model] = Searcher(self.run, model)  # a UserError for an unknown model
         return self.searchers[model]
 
-    async def __call__(self, request) -> Any:
-        from starlette.responses import JSONResponse
+    @app.api_route("/", methods=GET_OR_HEAD)
+    @app.api_route("/index.html", methods=GET_OR_HEAD)
+    async def page(self) -> FileResponse:
+        return FileResponse(PAGE / "index.html", media_type=PAGE_TYPES[".html"])
 
-        started = time.perf_counter()
-        try:
-            return await self.route(request, started)
-        except Exception as err:  # noqa: BLE001 - every failure is an answer; the replica stays up
-            status = error_status(err)
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            if status == 500:
-                reason = f"internal error: {type(err).__name__}: {reason}"
-                log(f"{request.method} {request.url.path}: {reason}")
-            return JSONResponse({"error": reason}, status_code=status)
+    @app.api_route("/page/{name:path}", methods=GET_OR_HEAD)
+    async def page_file(self, name: str) -> FileResponse:
+        if "/" in name or not (PAGE / name).is_file() or Path(name).suffix not in PAGE_TYPES:
+            raise UnknownImage(f"no page file {name!r}")
+        return FileResponse(PAGE / name, media_type=PAGE_TYPES[Path(name).suffix])
 
-    async def route(self, request, started: float) -> Any:
-        from starlette.responses import FileResponse, JSONResponse, Response
+    @app.api_route("/api/run", methods=GET_OR_HEAD)
+    async def run_overview(self) -> JSONResponse:
+        return JSONResponse(self.overview())
 
-        path, method = request.url.path, request.method
-        if method == "POST" and path == "/search":
-            return JSONResponse(await self.search(request, started))
-        if method not in ("GET", "HEAD"):
-            raise BadRequest(405, f"{method} {path} is not served (POST /search, GET for the rest)")
-        if path in ("/", "/index.html"):
-            return FileResponse(PAGE / "index.html", media_type=PAGE_TYPES[".html"])
-        if path.startswith("/page/"):
-            name = path.removeprefix("/page/")
-            if "/" in name or not (PAGE / name).is_file() or Path(name).suffix not in PAGE_TYPES:
-                raise UnknownImage(f"no page file {name!r}")
-            return FileResponse(PAGE / name, media_type=PAGE_TYPES[Path(name).suffix])
-        if path == "/api/run":
-            return JSONResponse(self.overview())
-        if path.startswith("/image/"):
-            png = self.images.png(path.removeprefix("/image/"))
-            return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
-        if path.startswith("/figure/"):
-            from lib.gallery import figure_path
+    @app.api_route("/image/{image_id:path}", methods=GET_OR_HEAD)
+    async def image(self, image_id: str) -> Response:
+        png = self.images.png(image_id)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
-            return FileResponse(figure_path(self.run, path.removeprefix("/figure/")), media_type="image/png")
-        raise BadRequest(404, f"nothing at {path} (see / for the page, POST /search for the API)")
+    @app.api_route("/figure/{name:path}", methods=GET_OR_HEAD)
+    async def figure(self, name: str) -> FileResponse:
+        from lib.gallery import figure_path
+
+        return FileResponse(figure_path(self.run, name), media_type="image/png")
+
+    @app.post("/search")
+    async def search_form(self, request: Request) -> JSONResponse:
+        return JSONResponse(await self.search(request, request.state.started))
 
     def overview(self) -> dict[str, Any]:
         from lib.gallery import run_overview
@@ -235,19 +282,9 @@ class Gallery:
         return answers
 
 
-def parse_k(value: Any) -> int:
-    try:
-        k = int(str(value))
-    except ValueError:
-        raise UserError(f"k must be a whole number, got {str(value)[:40]!r}") from None
-    if not 1 <= k <= MAX_K:
-        raise UserError(f"k must be between 1 and {MAX_K}, got {k}")
-    return k
-
-
 def gallery_app(settings: GallerySettings):
     """The Serve application (bind the deployment to its settings)."""
-    return Gallery.bind(settings)
+    return GalleryService.bind(settings)
 
 
 def build_app(args: dict[str, str]):

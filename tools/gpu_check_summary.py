@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
+
+# steps.txt lines of tools/gpu_check.sh's step(): "[+12s] DONE train: exit 1 in 30s" and "[+12s] SKIP bench: ..."
+STEP_DONE = re.compile(r"DONE (\S+): exit (\d+) in \d+s( \(timed out\))?")
+STEP_SKIPPED = re.compile(r"SKIP (\S+): ")
 
 
 def load_json(path: Path) -> dict | None:
@@ -49,11 +54,30 @@ def samples_file(out: Path, work: Path, stage: str) -> Path:
     return in_work if in_work.exists() else out / f"gpu-{stage}.csv"
 
 
+def failed_steps(steps: str) -> list[str]:
+    """Each step of ``steps.txt`` that did not finish with exit 0, with why: ``train (exit 1)``,
+    ``evaluate (timed out)``, ``bench-embed (skipped)``."""
+    failed = []
+    for line in steps.splitlines():
+        if done := STEP_DONE.search(line):
+            name, code, timed_out = done.groups()
+            if code != "0":
+                failed.append(f"{name} ({'timed out' if timed_out else f'exit {code}'})")
+        elif skipped := STEP_SKIPPED.search(line):
+            failed.append(f"{skipped.group(1)} (skipped)")
+    return failed
+
+
 def main(out: Path, work: Path, gpu: str) -> None:
     print(f"# GPU check: {gpu}\n")
     if (out / "probe.txt").exists():
         print("\n".join(f"- {line}" for line in (out / "probe.txt").read_text().splitlines() if line.strip()) + "\n")
     steps = (out / "steps.txt").read_text() if (out / "steps.txt").exists() else "(no steps ran)\n"
+    failed = failed_steps(steps)
+    if failed:
+        print(f"**Failed steps: {', '.join(failed)}** (their logs: {out / 'logs'})\n")
+    elif (out / "steps.txt").exists():
+        print("Every step that ran finished with exit 0.\n")
     print("```\n" + steps.rstrip() + "\n```\n")
 
     bench = (load_json(out / "bench-train.json") or {}).get("train") or {}

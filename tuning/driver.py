@@ -101,21 +101,19 @@ class TrialsBar(ray.tune.Callback):
 
 def release_orphaned_placement_groups() -> int:
     """Remove this job's placement groups whose creating actor died; returns how many."""
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    from onray.ray_internals import placement_groups
 
     job = ray.get_runtime_context().get_job_id()
     removed = 0
-    try:
-        table = state._connect_and_get_accessor().get_placement_group_table()
-    except Exception:  # a private table: if a Ray release changes it, Train's own cleaner remains
+    table = placement_groups()
+    if table is None:  # a private table: if a Ray release changes it, Train's own cleaner remains
         return 0
-    for raw in table:
-        group = gcs_pb2.PlacementGroupTableData.FromString(raw)
+    for group in table:
         # A driver's groups (Tune's own, one per trial) have no creating actor and count as "actor dead".
         created_by_actor = bool(group.creator_actor_id) and not ray.ActorID(group.creator_actor_id).is_nil()
-        if (group.state != gcs_pb2.PlacementGroupTableData.REMOVED and created_by_actor and group.creator_actor_dead
+        if (group.state != type(group).REMOVED and created_by_actor and group.creator_actor_dead
                 and not group.is_detached and group.creator_job_id.hex() == job):
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
             removed += 1

@@ -139,7 +139,3 @@ def to_tune(space: Space) -> dict[str, Any]:
              "choice": lambda v: tune.choice(list(v)), "grid": lambda v: tune.grid_search(list(v))}
     return {key: build[dim.kind](dim.values) for key, dim in space.items() if dim.kind != "fixed"}
 
-
-def describe(space: Space) -> str:
-    """One line for the log, e.g. ``margin uniform(0.05, 0.5), lr loguniform(0.0001, 0.01)``."""
-    return ", ".join(f"{key} {dim.kind}({', '.join(map(str, dim.values))})" for key, dim in space.items())

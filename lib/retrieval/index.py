@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lib import devices
+from lib.devices import UseGpu
 from lib.errors import UserError
 
 
@@ -98,8 +99,6 @@ def _import_faiss() -> ModuleType:
 
 faiss = _import_faiss()
 
-UseGpu = bool | Literal["auto", "true", "false"]
-
 # faiss's GPU k-selection handles at most this many neighbours per query; larger searches
 # (MAP@R against a big gallery) run on the CPU index instead.
 GPU_MAX_K = 2048
@@ -142,9 +141,10 @@ def torch_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def resolve_use_gpu(use_gpu: UseGpu) -> bool:
-    """``"auto"`` -> a GPU if exact search can run on one here (:func:`gpu_available`); ``True``/``"true"`` insist
-    on one, ``False``/``"false"`` never (:func:`lib.devices.resolve_use_gpu`)."""
+def search_uses_gpu(use_gpu: UseGpu | bool) -> bool:
+    """``"auto"`` -> a GPU if exact search can run on one here (:func:`gpu_available`: faiss where it was probed to
+    work, else torch); ``True``/``"true"`` insist on one, ``False``/``"false"`` never
+    (:func:`lib.devices.resolve_use_gpu`)."""
     gpus = max(faiss_gpus(), torch_gpus())
     return devices.resolve_use_gpu(use_gpu, gpus, "this process", "exact search needs a CUDA GPU for torch or faiss")
 
@@ -180,14 +180,14 @@ def _as_search_array(embeddings: np.ndarray, name: str) -> np.ndarray:
     return array
 
 
-def build_index(gallery: np.ndarray, use_gpu: UseGpu = "auto", max_k: int | None = None) -> GalleryIndex:
+def build_index(gallery: np.ndarray, use_gpu: UseGpu | bool = "auto", max_k: int | None = None) -> GalleryIndex:
     """An exact ``IndexFlatIP`` over ``gallery`` (N, D), L2-normalised float32 expected.
 
     ``max_k`` is the largest k this index will be searched with; above :data:`GPU_MAX_K` the
     index stays on the CPU even when a GPU is available (faiss's GPU search cannot return more).
     """
     gallery = _as_search_array(gallery, "gallery")
-    wants_gpu = resolve_use_gpu(use_gpu)
+    wants_gpu = search_uses_gpu(use_gpu)
     if wants_gpu and faiss_gpus() == 0:  # a GPU faiss has no kernels for (or a faiss without GPUs): torch
         import torch
 
@@ -250,7 +250,7 @@ def search(index: GalleryIndex, queries: np.ndarray, k: int,
 
 
 def knn(queries: np.ndarray, gallery: np.ndarray, k: int, exclude_self: bool = False,
-        use_gpu: UseGpu = "auto") -> tuple[np.ndarray, np.ndarray]:
+        use_gpu: UseGpu | bool = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours by inner product (cosine on L2-normalised inputs).
 
     ``queries`` (Q, D) and ``gallery`` (N, D), float32, L2-normalised (see :func:`l2_normalize`).

@@ -26,13 +26,18 @@ def _relevance(neighbour_labels: np.ndarray, query_labels: np.ndarray, k: int | 
     return neighbour_labels[:, :k] == query_labels[:, None]
 
 
-def precision_at_k(neighbour_labels: np.ndarray, query_labels: np.ndarray, k: int) -> float:
-    """P@k, mean over queries.
+def precision_at_k_per_query(neighbour_labels: np.ndarray, query_labels: np.ndarray, k: int) -> np.ndarray:
+    """P@k per query, (Q,) float64.
 
     P@k(q) = (1/k) * #{i <= k : rel_q(i)}, the share of the k nearest neighbours that share the
     query's label. The denominator is always k; the query itself is not in the table.
     """
-    return float(_relevance(neighbour_labels, query_labels, k).mean(axis=1).mean())
+    return _relevance(neighbour_labels, query_labels, k).mean(axis=1)
+
+
+def precision_at_k(neighbour_labels: np.ndarray, query_labels: np.ndarray, k: int) -> float:
+    """P@k: the mean over queries of :func:`precision_at_k_per_query` (denominator k)."""
+    return float(precision_at_k_per_query(neighbour_labels, query_labels, k).mean())
 
 
 def average_precision_at_k(neighbour_labels: np.ndarray, query_labels: np.ndarray, k: int) -> np.ndarray:
@@ -80,10 +85,12 @@ def map_at_r(neighbour_labels: np.ndarray, query_labels: np.ndarray, relevant_co
     Raises :class:`UserError` when no query has a relevant gallery item (the splits share no class).
     """
     per_query = average_precision_at_r(neighbour_labels, query_labels, relevant_counts)
-    return _mean_over_defined(per_query)
+    return mean_over_defined(per_query)
 
 
-def _mean_over_defined(per_query: np.ndarray) -> float:
+def mean_over_defined(per_query: np.ndarray) -> float:
+    """The mean of per-query AP@R values (:func:`average_precision_at_r`) over the queries where it is defined
+    (not NaN); a :class:`UserError` when none is."""
     defined = per_query[~np.isnan(per_query)]
     if defined.size == 0:
         raise UserError("MAP@R is undefined: no query has an item of its class in the gallery")
@@ -99,9 +106,15 @@ def relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray, exclud
     return (counts - int(exclude_self)).astype(np.int64)
 
 
+def recall_at_k_per_query(neighbour_labels: np.ndarray, query_labels: np.ndarray, k: int) -> np.ndarray:
+    """Recall@k per query, (Q,) float64: 1 when at least one of the k nearest neighbours is relevant, else 0."""
+    return _relevance(neighbour_labels, query_labels, k).any(axis=1).astype(np.float64)
+
+
 def recall_at_k(neighbour_labels: np.ndarray, query_labels: np.ndarray, k: int) -> float:
-    """Recall@k: the share of queries with at least one relevant item among their k nearest neighbours."""
-    return float(_relevance(neighbour_labels, query_labels, k).any(axis=1).mean())
+    """Recall@k: the share of queries with at least one relevant item among their k nearest neighbours
+    (the mean of :func:`recall_at_k_per_query`)."""
+    return float(recall_at_k_per_query(neighbour_labels, query_labels, k).mean())
 
 
 def knn_predict(neighbour_labels: np.ndarray, k: int = 5) -> np.ndarray:

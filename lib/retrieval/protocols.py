@@ -12,13 +12,16 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from lib.devices import UseGpu
 from lib.errors import UserError
-from lib.retrieval.index import UseGpu, build_index, l2_normalize, search
+from lib.retrieval.index import build_index, l2_normalize, search
 from lib.retrieval.metrics import (
-    _mean_over_defined,
     average_precision_at_k,
     average_precision_at_r,
     knn_predict,
+    mean_over_defined,
+    precision_at_k_per_query,
+    recall_at_k_per_query,
     relevant_counts,
 )
 
@@ -35,7 +38,7 @@ def _query_chunks(n_queries: int, k: int) -> Iterator[slice]:
 
 def evaluate_protocol(queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
                       gallery_labels: np.ndarray, leave_one_out: bool, ks: Sequence[int] = (1, 5),
-                      knn_k: int = 5, use_gpu: UseGpu = "auto") -> dict[str, float]:
+                      knn_k: int = 5, use_gpu: UseGpu | bool = "auto") -> dict[str, float]:
     """Every retrieval metric of one protocol, from one exact search per query chunk.
 
     ``queries`` (Q, D) and ``gallery`` (N, D), L2-normalised float32; labels (Q,) and (N,).
@@ -65,25 +68,24 @@ def evaluate_protocol(queries: np.ndarray, query_labels: np.ndarray, gallery: np
         self_rows = np.arange(rows.start, rows.stop) if leave_one_out else None
         _, indices = search(index, queries[rows], k_needed, self_rows)
         labels, own = gallery_labels[indices], query_labels[rows]
-        relevant = labels == own[:, None]
         for k in ks:
-            keep(f"p@{k}", relevant[:, :k].mean(axis=1))
+            keep(f"p@{k}", precision_at_k_per_query(labels, own, k))
             if k > 1:
                 keep(f"map@{k}", average_precision_at_k(labels, own, k))
-                keep(f"recall@{k}", relevant[:, :k].any(axis=1))
+                keep(f"recall@{k}", recall_at_k_per_query(labels, own, k))
         keep("map@r", average_precision_at_r(labels, own, counts[rows]))
         keep("knn_acc", knn_predict(labels, knn_k) == own)
 
     results = {}
     for name, chunks in per_query.items():
         values = np.concatenate(chunks)
-        results[name] = _mean_over_defined(values) if name == "map@r" else float(values.mean())
+        results[name] = mean_over_defined(values) if name == "map@r" else float(values.mean())
     return results
 
 
 def evaluate_protocols(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.ndarray,
                        test_labels: np.ndarray, ks: Sequence[int] = (1, 5), knn_k: int = 5,
-                       use_gpu: UseGpu = "auto") -> dict[str, dict[str, float]]:
+                       use_gpu: UseGpu | bool = "auto") -> dict[str, dict[str, float]]:
     """Protocols L and G (see the module docstring) for one model's embeddings.
 
     ``train_emb`` (N, D), ``test_emb`` (Q, D) (normalised here; any scale is fine), labels (N,), (Q,).

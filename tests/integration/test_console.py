@@ -60,7 +60,8 @@ def test_a_local_ray_listens_on_loopback_only(tmp_path):
             return os.getpid()
 
         pids = {{os.getpid(), ray.get(pid.remote()), ray.get(Echo.remote().ping.remote())}}
-        session = ray._private.worker._global_node.get_session_dir_path()
+        from onray.ray_internals import session_dir
+        session = session_dir()
         for proc in psutil.process_iter():
             try:
                 if any(session in arg for arg in proc.cmdline()):

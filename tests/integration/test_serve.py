@@ -129,12 +129,16 @@ def test_bad_requests_get_a_4xx_with_one_line_and_the_replica_keeps_answering(se
         (requests.get(url + "figure/index.faiss", timeout=30), 404, "no figure"),
         (requests.get(url + "figure/..%2Fmetrics.json", timeout=30), 404, "no figure"),  # no way out of RUN/eval
         (requests.get(url + "search", timeout=30), 404, "nothing at /search"),
+        (requests.get(url + "docs", timeout=30), 404, "nothing at /docs"),  # only the URLs of onray.serve's doc
+        (requests.put(url + "search", timeout=30), 405, "PUT /search is not served"),
+        (requests.post(url + "image/train/cat/0000.png", timeout=30), 405, "POST /image/train/cat/0000.png is not"),
     ]
     for response, status, reason in cases:
         assert response.status_code == status, (reason, response.status_code, response.text)
         error = response.json()["error"]
         assert reason in error and "\n" not in error, (reason, error)
     assert answered(post(url, id="test/cat/0000.png")) == good
+    assert requests.head(url + "api/run", timeout=30).status_code == 200  # HEAD wherever GET is
 
 
 def test_concurrent_queries_share_batches_and_get_their_own_answers(service):

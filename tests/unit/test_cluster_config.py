@@ -61,19 +61,20 @@ def run_bash(script: str, env: dict | None = None, cwd: Path | None = None) -> s
 
 
 def test_cluster_yaml_passes_ray_validation(cluster_config):
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from onray.ray_internals import validate_cluster_config
 
-    validate_config(prepare_config(copy.deepcopy(cluster_config)))  # raises on a schema error
+    validate_cluster_config(copy.deepcopy(cluster_config))  # raises on a schema error
 
 
 def test_a_broken_cluster_yaml_is_rejected(cluster_config):
     from jsonschema.exceptions import ValidationError
-    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    from onray.ray_internals import validate_cluster_config
 
     broken = copy.deepcopy(cluster_config)
     broken["available_node_types"]["gpu_worker"]["max_workers"] = "many"
     with pytest.raises(ValidationError, match="many"):
-        validate_config(prepare_config(broken))
+        validate_cluster_config(broken)
 
 
 def test_cpu_head_and_gpu_workers_that_scale_from_zero(cluster_config):

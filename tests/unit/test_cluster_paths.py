@@ -34,10 +34,10 @@ def test_relative_paths_are_refused_on_a_cluster(job, prog, args, monkeypatch, c
 
 
 def uploaded(folder: Path, include_gitignore: bool) -> list[str]:
-    from ray._private.runtime_env.packaging import _zip_files
+    from onray.ray_internals import package_working_dir
 
     package = folder.parent / "package.zip"
-    _zip_files(str(folder), [], str(package), include_gitignore=include_gitignore)
+    package_working_dir(folder, package, include_gitignore=include_gitignore)
     with zipfile.ZipFile(package) as archive:
         return archive.namelist()
 

@@ -10,33 +10,8 @@ from lib.config import parse_config
 from tests.conftest import REPO
 
 RAY_INFO = "2026-11-30 01:01:19,744\tINFO worker.py:2029 -- Started a local Ray instance."
-RAY_WARNING = "2026-11-30 01:01:15,260\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled"
-RAY_ERROR = "2026-11-30 01:01:15,260\tERROR worker.py:12 -- something broke"
 CPP_HARMLESS = ("[2026-11-30 01:03:09,227 E 24462 24462] core_worker.cc:2465: Actor with class name: 'MapWorker' and "
                 "ID: 'd7f9' has constructor arguments in the object store and max_restarts > 0. If the arguments")
-CPP_ERROR = "[2026-11-30 01:03:09,227 E 24462 24462] core_worker.cc:99: Failed to connect to the raylet"
-CPP_INFO = "[2026-11-30 01:03:09,227 I 24462 24462] core_worker.cc:99: connected"
-
-
-def test_ray_routine_lines_are_told_from_errors_and_our_own():
-    for line in (RAY_INFO, RAY_WARNING, CPP_HARMLESS, CPP_INFO):
-        assert console.routine_ray_line(line), line
-        assert not console.ray_error_line(line), line
-    for line in (RAY_ERROR, CPP_ERROR):
-        assert not console.routine_ray_line(line) and console.ray_error_line(line), line
-    ours = "[01:03:00] densenet121: untrained val mAP@5 0.400"
-    assert console.OURS.match(ours) and not console.routine_ray_line(ours) and not console.ray_error_line(ours)
-    assert not console.routine_ray_line("Traceback (most recent call last):")
-
-
-def test_the_ray_hook_for_worker_lines_exists():
-    """onray.runtime.route_worker_lines replaces a handler of Ray's driver-side dispatcher of forwarded worker
-    lines; if a Ray release renames it, worker chatter would reach the terminal again: this fails first."""
-    from ray._private import worker
-
-    dispatcher = worker.global_worker_stdstream_dispatcher
-    assert callable(dispatcher.add_handler) and callable(dispatcher.remove_handler)
-    assert callable(worker.print_to_stdstream)  # what Ray's error listener prints the raylet's messages with
 
 
 def test_verbose_is_a_flag_of_every_job_and_not_a_setting(tmp_path):
@@ -55,13 +30,15 @@ def test_plain_progress_lines_say_count_rate_and_time_left(capsys, monkeypatch):
 
 
 def test_a_started_console_keeps_ray_lines_in_the_log_file_and_shows_the_rest(tmp_path):
-    """The whole route in a fresh process: lines written to file descriptor 2 (as Ray's loggers and its C++ core
-    do) are filtered; ours and the error line reach the terminal, the error last; the log file gets all."""
+    """The whole route in a fresh process, with the Ray layer's classifier as jobs.cli wires it: lines written to
+    file descriptor 2 (as Ray's loggers and its C++ core do) are filtered; ours and the error line reach the
+    terminal, the error last; the log file gets all."""
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(REPO)!r})
         from lib import console
-        console.start("demo", {str(tmp_path / "logs")!r})
+        from onray.ray_lines import routine_ray_line
+        console.start("demo", {str(tmp_path / "logs")!r}, log_only=routine_ray_line)
         os.write(2, {(RAY_INFO + chr(10)).encode()!r})
         os.write(2, {(CPP_HARMLESS + chr(10)).encode()!r})
         os.write(2, b"a line nobody filters\\n")
@@ -84,6 +61,23 @@ def test_a_started_console_keeps_ray_lines_in_the_log_file_and_shows_the_rest(tm
     for expected in ("Started a local Ray", "max_restarts", "a line nobody filters", "] ours", "log file only",
                      "demo: error: the end"):
         assert expected in text, expected
+
+
+def test_a_console_without_a_classifier_shows_every_line(tmp_path):
+    """lib knows no Ray format: started without the Ray layer's classifier, fd 2's lines all reach the terminal."""
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from lib import console
+        console.start("demo", {str(tmp_path / "logs")!r})
+        os.write(2, {(RAY_INFO + chr(10)).encode()!r})
+        console.open_log_file()
+        console.error("demo: error: the end")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert RAY_INFO in done.stderr.splitlines()
+    assert done.stderr.splitlines()[-1] == "demo: error: the end"
 
 
 def test_a_verbose_console_shows_everything(tmp_path):
