@@ -107,10 +107,16 @@ def _retrieval_at(dim: int, rounds: int, n_queries: int, n_gallery: int, sklearn
         "map@5_sklearn_subset": round(float(measured.last("sklearn_loop_subset")), 5),
         "map@5_project_same_subset": round(project_subset, 5),
     }
-    row["ratio_project_over_bare_faiss"] = round(row["project_s"] / row["bare_faiss_s"], 3)
-    row["ratio_project_over_bare_faiss_cpu"] = round(row["project_cpu_s"] / row["bare_faiss_cpu_s"], 3)
-    row["ratio_sklearn_loop_over_project"] = round(row["sklearn_loop_s_extrapolated"] / row["project_s"], 1)
+    row["ratio_project_over_bare_faiss"] = _ratio(row["project_s"], row["bare_faiss_s"], 3)
+    row["ratio_project_over_bare_faiss_cpu"] = _ratio(row["project_cpu_s"], row["bare_faiss_cpu_s"], 3)
+    row["ratio_sklearn_loop_over_project"] = _ratio(row["sklearn_loop_s_extrapolated"], row["project_s"], 1)
     return row
+
+
+def _ratio(numerator: float, denominator: float, digits: int) -> float | None:
+    """``numerator / denominator`` rounded; None when the denominator was too short to measure (a tiny run's CPU
+    time can read 0)."""
+    return round(numerator / denominator, digits) if denominator > 0 else None
 
 
 def run(cfg: BenchmarkConfig, work: Path) -> dict:
