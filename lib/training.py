@@ -365,12 +365,15 @@ def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(trained, key=lambda row: row[METRIC]) if trained else None
 
 
-def val_retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, k: int = 5) -> dict[str, float]:
-    """``val_map@5`` and ``val_p@5`` of (N, D) unit ``embeddings`` under protocol L (self excluded)."""
-    from lib.retrieval.index import knn
+def val_retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, k: int = 5,
+                          device: torch.device | str = "cpu") -> dict[str, float]:
+    """``val_map@5`` and ``val_p@5`` of (N, D) unit ``embeddings`` under protocol L (self excluded), searched exactly
+    with torch on ``device`` (the training worker's): a worker never creates faiss GPU resources, which live outside
+    torch's allocator and abort the process on GPUs faiss's wheel has no kernels for."""
     from lib.retrieval.metrics import map_at_k, precision_at_k
+    from lib.retrieval.torch_search import torch_knn
 
-    _, neighbours = knn(embeddings, embeddings, min(k, len(labels) - 1), exclude_self=True)
+    _, neighbours = torch_knn(embeddings, embeddings, min(k, len(labels) - 1), exclude_self=True, device=device)
     neighbour_labels = np.asarray(labels)[neighbours]
     k = neighbour_labels.shape[1]
     return {"val_map@5": map_at_k(neighbour_labels, labels, k), "val_p@5": precision_at_k(neighbour_labels, labels, k)}

@@ -63,7 +63,7 @@ def _all_have_batches(iterator, device: torch.device):
         if world > 1:
             flag = torch.ones(1, device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            if flag.item() == 0:
+            if flag.item() == 0:  # the one wait of a step here: the ranks must agree to stop (--augment-on data)
                 return
         yield batch
     if world > 1:
@@ -254,7 +254,7 @@ def evaluate(training: Training, val: tuple[torch.Tensor, torch.Tensor], device:
     all_embeddings = np.concatenate([g[0] for g in gathered if len(g[1])])
     all_labels = np.concatenate([g[1] for g in gathered])
     loss_sum, batches = _sum_across_ranks([float(loss_sum), batches], device)
-    return {"val_loss": loss_sum / max(1, batches), **val_retrieval_metrics(all_embeddings, all_labels)}
+    return {"val_loss": loss_sum / max(1, batches), **val_retrieval_metrics(all_embeddings, all_labels, device=device)}
 
 
 def _maybe_inject_failure(cfg: TrainConfig, epoch: int, rank: int) -> None:

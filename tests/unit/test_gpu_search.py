@@ -123,3 +123,14 @@ def test_one_pass_embeds_with_every_model_as_each_alone_would(monkeypatch):
     for one, other in zip(alone, together, strict=True):
         np.testing.assert_allclose(other, one, rtol=0, atol=1e-5)
     assert sorted(resized) == [32, 32, 32, 48, 48, 48]  # 3 chunks x 2 distinct sizes, not x 3 models
+
+
+def test_training_validation_searches_with_torch_and_scores_as_faiss_would():
+    from lib.retrieval.metrics import map_at_k, precision_at_k
+    from lib.training import val_retrieval_metrics
+
+    embeddings = random_gallery(300, 16, seed=6)
+    labels = np.random.default_rng(6).integers(0, 5, 300)
+    _, rows = knn(embeddings, embeddings, 5, exclude_self=True, use_gpu=False)
+    expected = {"val_map@5": map_at_k(labels[rows], labels, 5), "val_p@5": precision_at_k(labels[rows], labels, 5)}
+    assert val_retrieval_metrics(embeddings, labels) == pytest.approx(expected)
