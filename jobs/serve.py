@@ -52,13 +52,14 @@ def check_port_free(host: str, port: int) -> None:
 
 def main(cfg: ServeConfig) -> None:
     from lib.paths import RunPaths
-    from lib.search import saved_index_info
+    from lib.search import check_saved_gallery
+
+    run = RunPaths.of(cfg.run_dir)
+    check_saved_gallery(run, cfg.model)  # a missing or damaged index: one line now, before Ray, not a replica failing
+    check_port_free(cfg.host, cfg.port)
     from onray.runtime import init_ray
     from onray.serve import GallerySettings, start_gallery
 
-    run = RunPaths.of(cfg.run_dir)
-    saved_index_info(run)  # no saved index: one line now, not a replica failing to start
-    check_port_free(cfg.host, cfg.port)
     init_ray()
     signal.signal(signal.SIGTERM, stop)  # `kill` ends it like Ctrl-C: one line, exit 130
     url = start_gallery(GallerySettings(str(run.root), cfg.model, int(cfg.max_upload_mb * 1024 * 1024),
