@@ -170,6 +170,31 @@ def check_saved_gallery(run: RunPaths, model: str = "") -> None:
     load_gallery(run, info, model or info["model"])
 
 
+# The most pixels a query image may have: the service's default upload limit (onray.serve.GallerySettings), so
+# jobs.search refuses what the service refuses, from the file's header, before PIL warns of or decodes a bomb.
+MAX_QUERY_PIXELS = 40_000_000
+
+
+def check_image_pixels(path: str, max_pixels: int = MAX_QUERY_PIXELS) -> None:
+    """A :class:`UserError` naming ``path`` when its header says it has more than ``max_pixels`` pixels (a file
+    PIL cannot open at all is left to the decoder's own error)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+    except Image.DecompressionBombError:
+        raise UserError(f"image {path} has more pixels than PIL decodes (limit {max_pixels})") from None
+    except Exception:  # noqa: BLE001 - not an image: decode_image says so in its own words
+        return
+    if width * height > max_pixels:
+        raise UserError(f"image {path} is {width}x{height} pixels, more than the {max_pixels} a search decodes")
+
+
 class Searcher:
     """One model's train gallery, kept loaded between queries (the model, the index, the test embeddings),
     so every query after the first costs milliseconds, not the seconds of imports and loading."""
@@ -233,6 +258,7 @@ class Searcher:
         for path in paths:
             if not Path(path).is_file():
                 raise UserError(f"image file not found: {path}")
+            check_image_pixels(path)
             pixels.append(self.decode_image(path, name=path))
         labels = np.array([self.classes.index(Path(p).parent.name) if Path(p).parent.name in self.classes else -1
                            for p in paths])

@@ -148,3 +148,17 @@ def test_jobs_serve_checks_the_index_without_importing_ray(run):
     assert done.stderr.splitlines() == [f"jobs.serve: error: {run.eval / 'index.faiss'} is not the index jobs.evaluate "
                                         f"saved (not a faiss exact inner-product index): run jobs.evaluate on this "
                                         f"run again"]
+
+
+def test_a_query_image_of_100_megapixels_is_refused_from_its_header_without_a_warning(tmp_path, recwarn):
+    from PIL import Image
+
+    from lib.errors import UserError
+    from lib.search import check_image_pixels
+
+    Image.new("1", (10_000, 10_000)).save(tmp_path / "huge.png")  # 100 Mpx, a few kB: only the header is read
+    with pytest.raises(UserError, match=r"huge.png is 10000x10000 pixels, more than the 40000000 a search decodes"):
+        check_image_pixels(str(tmp_path / "huge.png"))
+    Image.new("RGB", (40, 30)).save(tmp_path / "small.png")
+    check_image_pixels(str(tmp_path / "small.png"))
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
