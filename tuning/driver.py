@@ -237,7 +237,9 @@ def fit(base: TrainConfig, space: Space, storage: str, record: Path, finished: l
         from ray.tune.search.optuna import OptunaSearch
 
         told = [entry for entry in finished if last_score(entry) is not None]
-        searcher = OptunaSearch(seed=base.seed + len(finished), points_to_evaluate=[e["config"] for e in told] or None,
+        # Another seed on each resume, so TPE's random start does not repeat the finished trials' draws.
+        searcher = OptunaSearch(seed=(base.seed + len(finished)) % 2**32,
+                                points_to_evaluate=[e["config"] for e in told] or None,
                                 evaluated_rewards=[last_score(e) for e in told] or None)
         param_space = to_tune(space)
     else:
