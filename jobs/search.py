@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs.cli import command_line, run_job
-from lib.config import option
+from lib.config import check_ranges, option
 from lib.console import log
 from lib.errors import UserError
 
@@ -39,8 +39,7 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.stdin == bool(self.images or self.test_ids) or (self.images and self.test_ids):
             raise UserError("give one of --images, --test-ids or --stdin")
-        if self.k <= 0:
-            raise UserError(f"--k must be positive, got {self.k}")
+        check_ranges(self, positive=("k",), at_most={"k": 10_000})
 
 
 def main(cfg: SearchConfig) -> Path | None:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from jobs.cli import command_line, run_job
-from lib.config import option
+from lib.config import check_ranges, option
 from lib.console import log
 from lib.errors import UserError
 
@@ -40,6 +40,7 @@ class ServeConfig:
             raise UserError(f"--port must be between 1 and 65535, got {self.port}")
         if self.max_upload_mb <= 0 or self.max_batch_size <= 0 or self.batch_wait_ms < 0:
             raise UserError("--max-upload-mb and --max-batch-size must be positive, --batch-wait-ms not negative")
+        check_ranges(self, at_most={"max_upload_mb": 1024, "max_batch_size": 1024, "batch_wait_ms": 10_000})
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -52,13 +53,14 @@ def check_port_free(host: str, port: int) -> None:
 
 def main(cfg: ServeConfig) -> None:
     from lib.paths import RunPaths
-    from lib.search import saved_index_info
+    from lib.search import check_saved_gallery
+
+    run = RunPaths.of(cfg.run_dir)
+    check_saved_gallery(run, cfg.model)  # a missing or damaged index: one line now, before Ray, not a replica failing
+    check_port_free(cfg.host, cfg.port)
     from onray.runtime import init_ray
     from onray.serve import GallerySettings, start_gallery
 
-    run = RunPaths.of(cfg.run_dir)
-    saved_index_info(run)  # no saved index: one line now, not a replica failing to start
-    check_port_free(cfg.host, cfg.port)
     init_ray()
     signal.signal(signal.SIGTERM, stop)  # `kill` ends it like Ctrl-C: one line, exit 130
     url = start_gallery(GallerySettings(str(run.root), cfg.model, int(cfg.max_upload_mb * 1024 * 1024),

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -163,11 +164,11 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
         if tp is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
-            return int(value)
+            return _within_64_bits(int(value), where)
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError(value)
-            return float(value)
+            return _finite(float(value), where)
         if tp is str:
             if isinstance(value, (dict, list)):
                 raise ValueError(value)
@@ -178,14 +179,51 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
     raise TypeError(f"unsupported config field type {tp!r}")
 
 
-def check_ranges(config: Any, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
+def _finite(value: float, where: str) -> float:
+    """NaN and infinities pass every comparison a range check makes (or fail it far from the flag): refuse them."""
+    if not math.isfinite(value):
+        raise UserError(f"{where}: expected a finite number, got {value}")
+    return value
+
+
+def _within_64_bits(value: int, where: str) -> int:
+    if not -(2**63) <= value < 2**63:
+        raise UserError(f"{where}: {value} does not fit in 64 bits")
+    return value
+
+
+# Upper bounds of numeric settings, by field name, that every config's check_ranges applies to the fields it
+# checks: far above any real run, low enough that a typo (1e9, an extra digit) stops at parse time instead of
+# in a worker a minute later. Seeds go to numpy and torch generators, which take 32 bits.
+UPPER_BOUNDS: dict[str, float] = {
+    "seed": 2**32 - 1, "epochs": 10_000, "warmup_epochs": 10_000, "patience": 10_000, "batch_size": 65_536,
+    "image_size": 1024, "embedding_dim": 8192, "num_workers": 1024, "num_actors": 1024, "max_failures": 1000,
+    "lr": 10.0, "weight_decay": 10.0, "margin": 4.0, "train_per_class": 10_000_000, "val_per_class": 10_000_000,
+    "num_samples": 10_000, "max_concurrent": 10_000, "grace_period": 10_000, "grid_queries": 1000,
+    "grid_k": 1000, "tsne_points": 10_000_000, "csv_rows": 100_000_000,
+}
+
+
+def check_upper_bound(name: str, value: float | None, bounds: Mapping[str, float] = UPPER_BOUNDS) -> None:
+    """A one-line :class:`UserError` naming the flag when ``value`` is above ``name``'s bound (if it has one)."""
+    if value is not None and name in bounds and value > bounds[name]:
+        bound = bounds[name]
+        shown = int(bound) if float(bound).is_integer() else bound
+        raise UserError(f"--{name.replace('_', '-')} must be at most {shown}, got {value}")
+
+
+def check_ranges(config: Any, positive: Sequence[str] = (), non_negative: Sequence[str] = (),
+                 at_most: Mapping[str, float] | None = None) -> None:
     """Raise a one-line :class:`UserError` naming the flag when a numeric field is out of range
-    (``None`` = "from the preset", not checked)."""
+    (``None`` = "from the preset", not checked): below its lower bound, or above :data:`UPPER_BOUNDS` (or
+    ``at_most``, the config's own bounds)."""
     for names, bad, wanted in ((positive, lambda v: v <= 0, "positive"), (non_negative, lambda v: v < 0, "0 or more")):
         for name in names:
             value = getattr(config, name)
             if value is not None and bad(value):
                 raise UserError(f"--{name.replace('_', '-')} must be {wanted}, got {value}")
+    for name in (*positive, *non_negative, *(at_most or {})):
+        check_upper_bound(name, getattr(config, name), {**UPPER_BOUNDS, **(at_most or {})})
 
 
 def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:

@@ -8,6 +8,7 @@ stored embeddings. The default model is the one whose train gallery ``jobs.evalu
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,23 +32,128 @@ class Gallery:
 
 
 def saved_index_info(run: RunPaths) -> dict[str, Any]:
-    """``RUN/eval/index.json``, or a :class:`UserError` when ``jobs.evaluate`` has not saved an index."""
+    """``RUN/eval/index.json``, checked, or a :class:`UserError` when ``jobs.evaluate`` has not saved an index."""
     if not (run.eval / "index.json").is_file() or not (run.eval / "index.faiss").is_file():
         raise UserError(f"no saved index in {run.eval}: run jobs.evaluate on this run first")
-    return read_json(run.eval / "index.json")
+    return check_index_info(read_json(run.eval / "index.json"), run.eval / "index.json")
 
 
-def load_gallery(run: RunPaths, info: dict[str, Any], model: str) -> Gallery:
-    """``model``'s train gallery: the saved index, or one built from the model's stored train embeddings."""
+def _not_saved_by_evaluate(path: Path, why: str) -> UserError:
+    return UserError(f"{path} is not the index jobs.evaluate saved ({why}): run jobs.evaluate on this run again")
+
+
+def check_index_info(info: Any, path: Path) -> dict[str, Any]:
+    """The fields of ``index.json`` the search reads, each of the type ``jobs.evaluate`` writes."""
+    expected = {"model": str, "rows": int, "dim": int, "data_dir": str, "classes": list, "image_shape": list}
+    if not isinstance(info, dict):
+        raise _not_saved_by_evaluate(path, "not a JSON object")
+    for key, kind in expected.items():
+        if type(info.get(key)) is not kind:
+            raise _not_saved_by_evaluate(path, f"{key!r} missing or not {kind.__name__}")
+    if info["rows"] < 1 or info["dim"] < 1:
+        raise _not_saved_by_evaluate(path, "rows and dim must be positive")
+    if not info["classes"] or not all(isinstance(name, str) for name in info["classes"]):
+        raise _not_saved_by_evaluate(path, "classes must be a non-empty list of names")
+    if len(info["image_shape"]) != 3 or not all(type(n) is int and n > 0 for n in info["image_shape"]):
+        raise _not_saved_by_evaluate(path, "image_shape must be [height, width, channels]")
+    return info
+
+
+# faiss's file of an IndexFlatIP: "IxFI", d (int32), ntotal (int64), two unused int64, is_trained (1 byte),
+# metric (int32), then the vectors as a count of floats (uint64) and ntotal * d float32. The header is read here before
+# faiss parses the file: faiss's reader trusts the lengths it reads, and a damaged file can crash the process.
+FLAT_IP_MAGIC = b"IxFI"
+FLAT_IP_HEADER = struct.Struct("<4siqqq?iQ")
+
+
+def read_saved_index(path: Path, rows: int, dim: int) -> Any:
+    """The saved faiss index, after checking it is an exact inner-product index of ``rows`` x ``dim``
+    finite vectors; anything else is a :class:`UserError` naming the file and what is wrong."""
+    from lib.retrieval.index import faiss
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(FLAT_IP_HEADER.size)
+    except OSError as err:
+        raise _not_saved_by_evaluate(path, f"unreadable: {err.strerror}") from None
+    if len(head) < FLAT_IP_HEADER.size or head[:4] != FLAT_IP_MAGIC:
+        raise _not_saved_by_evaluate(path, "not a faiss exact inner-product index")
+    _, file_dim, file_rows, _, _, _, metric, floats = FLAT_IP_HEADER.unpack(head)
+    if metric != faiss.METRIC_INNER_PRODUCT:
+        raise _not_saved_by_evaluate(path, "not an inner-product index")
+    if (file_rows, file_dim) != (rows, dim):
+        raise _not_saved_by_evaluate(path, f"{file_rows} vectors of {file_dim} dimensions, index.json and "
+                                           f"index_rows.parquet say {rows} of {dim}")
+    if floats != rows * dim or size != FLAT_IP_HEADER.size + 4 * floats:
+        raise _not_saved_by_evaluate(path, f"{size} bytes, not the {FLAT_IP_HEADER.size + rows * dim * 4} "
+                                           f"of {rows} x {dim} vectors (truncated or padded)")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as err:
+        raise _not_saved_by_evaluate(path, str(err).strip().splitlines()[-1][:200]) from None
+    vectors = faiss.rev_swig_ptr(faiss.downcast_index(index).get_xb(), rows * dim)
+    if not np.isfinite(vectors).all():
+        raise _not_saved_by_evaluate(path, "some vectors are not finite")
+    return index
+
+
+def read_index_rows(path: Path, rows: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (N,) str, labels (N,) int64) of ``index_rows.parquet``, checked against the index's ``rows`` and the
+    number of ``classes``."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from lib.data.reader import table_ids
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise _not_saved_by_evaluate(path, f"not readable as Parquet: {str(err).splitlines()[0][:200]}") from None
+    for column, check in (("id", pa.types.is_string), ("label", pa.types.is_integer)):
+        if column not in table.column_names or not check(table.schema.field(column).type):
+            raise _not_saved_by_evaluate(path, f"no {column!r} column of {'text' if column == 'id' else 'integers'}")
+    if table.num_rows != rows:
+        raise _not_saved_by_evaluate(path, f"{table.num_rows} rows, the index has {rows}")
+    if table.column("id").null_count or table.column("label").null_count:
+        raise _not_saved_by_evaluate(path, "empty ids or labels")
+    labels = table.column("label").to_numpy().astype(np.int64)
+    if labels.min() < 0 or labels.max() >= classes:
+        raise _not_saved_by_evaluate(path, f"labels outside the {classes} classes")
+    return table_ids(table), labels
+
+
+def model_dim(run: RunPaths, model: str) -> int:
+    """The embedding dimension of ``model``'s stored test embeddings (what a query by test id searches with)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = run.embeddings(model) / "test.parquet"
+    try:
+        kind = pq.read_schema(path).field("embedding").type
+    except (OSError, KeyError, pa.ArrowException):
+        raise UserError(f"no readable embeddings of model {model!r} at {path} (run jobs.evaluate)") from None
+    if not pa.types.is_fixed_size_list(kind):
+        raise UserError(f"{path}: the embedding column is not a fixed-size list (run jobs.evaluate)")
+    return kind.list_size
+
+
+def load_gallery(run: RunPaths, info: dict[str, Any], model: str) -> Gallery:
+    """``model``'s train gallery: the saved index, or one built from the model's stored train embeddings.
+
+    The saved index is checked against ``index.json``, its rows file and the model before it is used: its
+    kind, count and dimension, and every row's label (:func:`read_saved_index`, :func:`read_index_rows`).
+    """
     from lib.retrieval.index import faiss, l2_normalize
 
     if model == info["model"]:
-        rows = pq.read_table(run.eval / "index_rows.parquet")
-        index = faiss.read_index(str(run.eval / "index.faiss"))
-        return Gallery(model, index, table_ids(rows), rows.column("label").to_numpy())
+        ids, labels = read_index_rows(run.eval / "index_rows.parquet", info["rows"], len(info["classes"]))
+        dim = model_dim(run, model)
+        if dim != info["dim"]:
+            raise _not_saved_by_evaluate(run.eval / "index.json", f"{info['dim']} dimensions, the {model} "
+                                                                  f"model's embeddings have {dim}")
+        index = read_saved_index(run.eval / "index.faiss", info["rows"], info["dim"])
+        return Gallery(model, index, ids, labels)
     if not (run.embeddings(model) / "train.parquet").is_file():
         known = sorted(p.parent.name for p in run.embeddings_root.glob("*/train.parquet"))
         raise UserError(f"unknown model {model!r} in {run.embeddings_root} (choose from {', '.join(known)})")
@@ -55,6 +161,38 @@ def load_gallery(run: RunPaths, info: dict[str, Any], model: str) -> Gallery:
     index = faiss.IndexFlatIP(train.vectors.shape[1])
     index.add(l2_normalize(train.vectors))
     return Gallery(model, index, train.ids, train.labels)
+
+
+def check_saved_gallery(run: RunPaths, model: str = "") -> None:
+    """Everything a search service loads at its start, checked now (``jobs.serve`` calls it before Ray): the
+    saved index and its rows, and the model's gallery; a :class:`UserError` names the first file at fault."""
+    info = saved_index_info(run)
+    load_gallery(run, info, model or info["model"])
+
+
+# The most pixels a query image may have: the service's default upload limit (onray.serve.GallerySettings), so
+# jobs.search refuses what the service refuses, from the file's header, before PIL warns of or decodes a bomb.
+MAX_QUERY_PIXELS = 40_000_000
+
+
+def check_image_pixels(path: str, max_pixels: int = MAX_QUERY_PIXELS) -> None:
+    """A :class:`UserError` naming ``path`` when its header says it has more than ``max_pixels`` pixels (a file
+    PIL cannot open at all is left to the decoder's own error)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+    except Image.DecompressionBombError:
+        raise UserError(f"image {path} has more pixels than PIL decodes (limit {max_pixels})") from None
+    except Exception:  # noqa: BLE001 - not an image: decode_image says so in its own words
+        return
+    if width * height > max_pixels:
+        raise UserError(f"image {path} is {width}x{height} pixels, more than the {max_pixels} a search decodes")
 
 
 class Searcher:
@@ -120,6 +258,7 @@ class Searcher:
         for path in paths:
             if not Path(path).is_file():
                 raise UserError(f"image file not found: {path}")
+            check_image_pixels(path)
             pixels.append(self.decode_image(path, name=path))
         labels = np.array([self.classes.index(Path(p).parent.name) if Path(p).parent.name in self.classes else -1
                            for p in paths])

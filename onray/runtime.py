@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -16,6 +18,7 @@ from lib.devices import available_cpus
 from lib.errors import EnvironmentProblem, UserError
 from onray import ray_internals
 from onray.ray_lines import ray_error_line
+from onray.reaper import OWNER_VARIABLE, start_watchdog
 
 # A local Ray that fails to start (its dashboard or GCS not up in time on a busy machine) is started again
 # this many times in all, each time in a fresh temporary folder, after a pause that grows.
@@ -80,6 +83,7 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
     if on_cluster():
         # Inside `ray job submit` the supervisor sets RAY_ADDRESS; a bare init() attaches to it.
         ray.init(log_to_driver=kwargs.get("log_to_driver", True))
+        interrupt_on_sigterm()
         if quiet:
             route_worker_lines()
         return
@@ -97,14 +101,38 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
         # Ray's own dashboard.
         ray_internals.point_state_api_at(kwargs["dashboard_port"])
     num_cpus = num_cpus or local_num_cpus()
+    # Every process of this Ray carries the watchdog's mark (inherited from this environment while it starts), so
+    # the watchdog can end them all when this process ends, even by SIGKILL (onray.reaper).
+    os.environ[OWNER_VARIABLE] = start_watchdog()
     try:
         start_local_ray(num_cpus, **kwargs)
     finally:
         ray_internals.release_loopback_switch()
+        os.environ.pop(OWNER_VARIABLE, None)
+    interrupt_on_sigterm()
     if quiet:
         route_worker_lines()
     console.detail(f"started a local Ray with {num_cpus} logical CPUs "
                    f"in {time.perf_counter() - started:.1f} s (set RAY_ADDRESS to use a cluster)")
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (what ``ray job stop`` and ``kill`` send) ends the job like Ctrl-C: one "interrupted" line, exit 130,
+    and the same cleanup (Ray's shutdown, a tune's record kept for its resume).
+
+    Called after ``ray.init``, which sets two handlers: a Python one (``sys.exit(15)``: no line, exit 15) and then,
+    underneath it, its core worker's C++ failure handler, which prints a signal dump and kills the process.
+    Setting a Python handler afterwards replaces both; a handler the job set itself is put back the same way.
+    Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGTERM)
+    rays = current in (signal.SIG_DFL, None) or getattr(current, "__module__", "").startswith("ray.")
+    signal.signal(signal.SIGTERM, _raise_interrupt if rays else current)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def route_worker_lines() -> None:

@@ -1,8 +1,9 @@
 """One backbone's tune, end to end: the job's config, its checks, the Tune driver and the report.
 
-Writes ``RUN/tune/<backbone>/``: Tune's own results, ``trials.md``, ``tune.png`` and, last,
+Writes ``RUN/tune/<backbone>/``: Tune's own results, the trial record ``trials.json`` (:mod:`tuning.record`),
+``trials.md``, ``tune.png`` and, last,
 ``best.json``, which ``jobs.train --hparams`` accepts. Rerunning into the same RUN resumes an
-interrupted tune and leaves a finished one alone. A bad search space stops the job before Ray,
+interrupted tune from the trial record (never from Tune's pickled state) and leaves a finished one alone. A bad search space stops the job before Ray,
 Train and Tune are imported.
 """
 
@@ -23,7 +24,8 @@ from lib.io import ensure_writable_dir, write_json
 from lib.paths import RunPaths, absolute
 from lib.pipeline import PipelineConfig
 from lib.training import METRIC, TrainConfig
-from tuning.spaces import fixed_values, load_space, preset_space, searched_keys
+from tuning.record import RECORD_FILE, read_record
+from tuning.spaces import fixed_values, load_space, preset_space, sample_trials, searched_keys
 
 # jobs.train's settings a tune passes to every trial, as jobs.train declares them (None: the tune preset's
 # value, else the training preset's). Adding a training flag to jobs.tune = adding its name here.
@@ -55,8 +57,9 @@ class TuneJobConfig:
     seed: int = option(0, help="seed of the search and of every trial's training")
 
     def __post_init__(self) -> None:
+        # the training settings are checked by TrainConfig itself (train_config below), bounds included
         check_ranges(self, positive=("num_samples", "max_concurrent", "grace_period"),
-                     non_negative=("max_failures", "seed"))
+                     non_negative=("max_failures", "seed"), at_most={"reduction_factor": 1000})
         if self.reduction_factor is not None and self.reduction_factor <= 1:
             raise UserError(f"--reduction-factor must be greater than 1, got {self.reduction_factor}")
         self.train_config()  # jobs.train's checks of the backbone and the training settings, now
@@ -104,6 +107,9 @@ def tune_backbone(cfg: TuneJobConfig) -> Path:
                 "space": {key: {dim.kind: list(dim.values)} for key, dim in space.items()}}
     identity = {**settings, "train": {k: v for k, v in to_dict(base).items() if k != "max_failures"}}
     _check_same_tune(out, identity)
+    trials = settings["num_samples"] * math.prod(len(d.values) for d in space.values() if d.kind == "grid")
+    planned = sample_trials(space, settings["num_samples"], base.seed) if cfg.search == "random" else None
+    finished = read_record(out / RECORD_FILE, planned)  # a foreign record stops the job here, before Ray
     if (out / "best.json").is_file():
         log(f"{cfg.backbone}: already tuned with these settings; best hyper-parameters in {out / 'best.json'}")
         return out / "best.json"
@@ -119,21 +125,21 @@ def tune_backbone(cfg: TuneJobConfig) -> Path:
     concurrent = cfg.max_concurrent or fits
     subsets = training_subsets(base, data)  # written once here, handed to every trial
     write_json(out / "tune_config.json", identity)
-    trials = settings["num_samples"] * math.prod(len(d.values) for d in space.values() if d.kind == "grid")
     log(f"tuning {cfg.backbone}: {trials} trial(s), {cfg.search} search, up to {concurrent} at "
         f"once on {base.num_workers} {'GPU' if shape.use_gpu else 'CPU'} worker(s) each, {base.epochs} epoch(s), "
         f"ASHA grace {settings['grace_period']} / factor {settings['reduction_factor']}; "
         f"space {', '.join(f'{k} {next(iter(v))}' for k, v in settings['space'].items())}")
     local = not shape.use_gpu and not on_cluster()
     storage = f"{cfg.storage.rstrip('/')}/tune/{cfg.backbone}" if cfg.storage else str(out)
-    results = driver.fit(base, space, storage, search=cfg.search, num_samples=settings["num_samples"],
+    entries = driver.fit(base, space, storage, out / RECORD_FILE, finished, planned, search=cfg.search,
+                         num_samples=settings["num_samples"],
                          grace_period=settings["grace_period"], reduction_factor=settings["reduction_factor"],
                          max_concurrent=concurrent, max_failures=cfg.max_failures, use_gpu=shape.use_gpu,
                          num_classes=len(data.classes), trainers_per_node=concurrent if local else 1,
                          subsets=subsets)
-    if not driver.finished(results):
-        raise KeyboardInterrupt  # Tune saved its state; a rerun into the same RUN resumes it
-    rows = driver.trial_rows(results, base)
+    if not driver.finished(entries, trials):
+        raise KeyboardInterrupt  # the record holds the finished trials; a rerun into the same RUN resumes it
+    rows = driver.trial_rows(entries, base)
     if report.best_row(rows) is None:
         why = next((row["error"] for row in rows if row["error"]), "no trial reported a score")
         raise TuneFailed(f"every trial failed ({why}); details under {storage}/{driver.EXPERIMENT}")

@@ -16,13 +16,17 @@ Nothing here imports Ray until :func:`to_tune` turns a checked space into Tune's
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from lib.config import coerce, load_yaml
+import numpy as np
+
+from lib.config import UPPER_BOUNDS, coerce, load_yaml
 from lib.errors import UserError
 from lib.losses import check_objective
 from lib.training import HPARAM_KEYS, TrainConfig
@@ -109,6 +113,8 @@ def _check_dimension(key: str, spec: Any, where: str) -> Dimension:
             raise UserError(f"{where}: loguniform needs low > 0, got {values[0]}")
     if tp in (int, float) and any(value <= 0 for value in values) and key != "weight_decay":
         raise UserError(f"{where}: values must be positive, got {list(args)!r}")
+    if key in UPPER_BOUNDS and any(value > UPPER_BOUNDS[key] for value in values):
+        raise UserError(f"{where}: values must be at most {UPPER_BOUNDS[key]:g}, got {list(args)!r}")
     return Dimension(kind, values)
 
 
@@ -129,6 +135,29 @@ def searched_keys(space: Space) -> list[str]:
 
 def fixed_values(space: Space) -> dict[str, Any]:
     return {key: dim.values[0] for key, dim in space.items() if dim.kind == "fixed"}
+
+
+def sample_trials(space: Space, num_samples: int, seed: int) -> list[dict[str, Any]]:
+    """Every trial of a random search, in order: each of ``num_samples`` rounds runs every grid combination.
+
+    The list depends only on the space, ``num_samples`` and ``seed``, so a rerun of an interrupted tune
+    finds the same trials by index and runs only those its record does not hold as finished.
+    """
+    rng = np.random.default_rng(seed)
+    grid_keys = [key for key, dim in space.items() if dim.kind == "grid"]
+    trials = []
+    for _ in range(num_samples):
+        for combination in itertools.product(*(space[key].values for key in grid_keys)):
+            trial: dict[str, Any] = dict(zip(grid_keys, combination, strict=True))
+            for key, dim in space.items():
+                if dim.kind == "uniform":
+                    trial[key] = float(rng.uniform(*dim.values))
+                elif dim.kind == "loguniform":
+                    trial[key] = float(math.exp(rng.uniform(math.log(dim.values[0]), math.log(dim.values[1]))))
+                elif dim.kind == "choice":
+                    trial[key] = dim.values[int(rng.integers(len(dim.values)))]
+            trials.append({key: trial[key] for key in space if key in trial})
+    return trials
 
 
 def to_tune(space: Space) -> dict[str, Any]:

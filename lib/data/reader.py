@@ -55,6 +55,16 @@ def table_images(table: pa.Table) -> np.ndarray:
     return column.to_numpy_ndarray()
 
 
+def _missing_listed_file(root: Path) -> Path | None:
+    """The first file a valid manifest in ``root`` lists that is not there (a deleted Parquet file), else None."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        names = [name for split in SPLITS for name in manifest["files"][split]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return next((root / name for name in names if isinstance(name, str) and not (root / name).is_file()), None)
+
+
 @dataclass(frozen=True)
 class PreparedData:
     """A complete prepared DATA, its manifest parsed once; every reader of DATA goes through it."""
@@ -86,6 +96,10 @@ class PreparedData:
         when it is not a complete, undamaged prepared set."""
         data = cls.find(data_dir)
         if data is None:
+            missing = _missing_listed_file(Path(data_dir).expanduser().absolute())
+            if missing:
+                raise UserError(f"damaged prepared data: {missing} is missing; rerun jobs.prepare with the same flags "
+                                f"to prepare {Path(data_dir).expanduser().absolute()} again")
             raise UserError(f"not a prepared data set (no valid {MANIFEST}; run jobs.prepare first): {data_dir}")
         damage = data.damage()
         if damage:

@@ -7,6 +7,8 @@ test classes perfectly. ASHA (grace 1 epoch, factor 2) must stop such a trial af
 """
 
 import json
+import os
+import pickle
 import re
 
 import pytest
@@ -64,7 +66,8 @@ def test_smoke_tune_writes_the_trial_table_the_picture_and_best_json(tuned):
 
     picture = Image.open(out / "tune.png")
     assert picture.size[0] > 600 and len(picture.getcolors(maxcolors=1 << 20) or []) > 20
-    assert (out / "trials" / "tuner.pkl").is_file()  # Tune's own experiment state, for resuming
+    record = json.loads((out / "trials.json").read_text())  # the project's record, for resuming
+    assert sorted(entry["status"] for entry in record["trials"]) == sorted(row["status"] for row in rows)
     assert len(list((out / "train").iterdir())) == 3  # each trial's Ray Train run and checkpoint
 
 
@@ -101,6 +104,59 @@ def test_a_finished_tune_is_not_rerun_and_a_lost_report_comes_back_from_tunes_st
     assert "resuming the interrupted tune" in capsys.readouterr().err
     assert (out / "best.json").read_text() == best_before
     assert sorted(path.name for path in (out / "train").rglob("checkpoint_*")) == checkpoints
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def test_crafted_pickles_in_tunes_folder_never_run_and_the_record_resumes_the_rest(tuned, capsys, tmp_path):
+    """Tune's restore would unpickle tuner.pkl, the searcher's state and the trials' error.pkl: the rerun
+    reads none of them. A trial the record does not hold as finished runs again; the others are kept."""
+    out = tuned["out"]
+    marker = tmp_path / "ran"
+    payload = pickle.dumps(_RunsCode(marker))
+    for name in ("tuner.pkl", "searcher-state-2026-01-01_00-00-00.pkl", "basic-variant-state-x.json"):
+        (out / "trials" / name).write_bytes(payload)
+    for folder in (path for path in (out / "trials").iterdir() if path.is_dir()):
+        (folder / "error.pkl").write_bytes(payload)
+    record = json.loads((out / "trials.json").read_text())
+    interrupted = next(entry for entry in record["trials"] if entry["status"] == "stopped early")
+    interrupted["status"] = "running"  # as if the job had been stopped during this trial
+    (out / "trials.json").write_text(json.dumps(record))
+    (out / "best.json").unlink()
+    runs_before = {path.name for path in (out / "train").iterdir()}
+
+    assert tune.cli(tuned["args"]) == 0
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert "2 of 3 trial(s) finished, 1 to run" in err, err
+    new_runs = {path.name for path in (out / "train").iterdir()} - runs_before
+    assert len(new_runs) == 1  # only the interrupted trial trained again
+    rows = table(out)
+    assert len(rows) == 3 and interrupted["trial_id"] not in {row["trial"].split()[0] for row in rows}
+    assert json.loads((out / "best.json").read_text())["embedding_dim"] == 32
+
+
+@pytest.mark.parametrize("record", ["not json", '{"trials": [{"trial_id": "x"}]}',
+                                    '{"trials": [], "__reduce__": 1}'])
+def test_a_foreign_trial_record_fails_the_rerun_with_one_line(tuned, capsys, record):
+    out = tuned["out"]
+    saved = (out / "trials.json").read_text()
+    best = (out / "best.json").read_text()
+    (out / "best.json").unlink()
+    (out / "trials.json").write_text(record)
+    try:
+        assert tune.cli(tuned["args"]) == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and "is not a trial record this project wrote" in lines[0], lines
+    finally:
+        (out / "trials.json").write_text(saved)
+        (out / "best.json").write_text(best)
 
 
 def test_rerunning_into_the_run_with_other_settings_fails_with_one_line(tuned, capsys):

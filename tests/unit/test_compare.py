@@ -68,7 +68,7 @@ def test_the_job_prints_the_table_writes_the_picture_and_gates(tmp_path, capsys)
 
 @pytest.mark.parametrize("argv, message", [
     (["ONE"], "give at least two runs"),
-    (["A", "B", "--fail-on-drop", "nan"], "--fail-on-drop must be a finite number"),
+    (["A", "B", "--fail-on-drop", "nan"], "--fail-on-drop: expected a finite number, got nan"),
     (["A", "B", "--fail-on-drop", "-1"], "--fail-on-drop must be a finite number"),
 ])
 def test_bad_command_lines_are_one_line_and_exit_2(argv, message, capsys):

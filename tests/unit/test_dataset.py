@@ -78,3 +78,17 @@ def test_incomplete_data_dir_has_no_manifest(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(
         {"format_version": 1, "files": {"train": ["train/part-0.parquet"], "val": [], "test": []}}))
     assert PreparedData.find(tmp_path) is None  # a listed file is missing
+
+
+def test_a_deleted_parquet_file_is_named_not_reported_as_a_missing_manifest(tmp_path):
+    from lib.data.reader import FORMAT_VERSION
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "part-0.parquet").write_bytes(b"")
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "files": {
+        "train": ["train/part-0.parquet", "train/part-1.parquet"], "val": [], "test": []}}))
+    with pytest.raises(UserError) as err:
+        PreparedData.open(tmp_path)
+    assert str(err.value).startswith(f"damaged prepared data: {tmp_path / 'train' / 'part-1.parquet'} is missing; "
+                                     f"rerun jobs.prepare with the same flags")
+
