@@ -149,6 +149,30 @@ def plan_trials(workers: int, use_gpu: bool, cpus: int, gpus: int) -> int:
     return max(1, min(by_cpu, gpus // workers) if use_gpu else by_cpu)
 
 
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """What the gallery's Serve replica asks Ray for: ``cpus`` (also its torch threads) and ``gpus`` (a share of
+    one GPU, or 0 to run on CPUs)."""
+
+    cpus: int
+    gpus: float
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.gpus > 0
+
+
+def plan_replica(use_gpu: str, cluster_gpus: int, gpu_share_of_replica: float, cpus: int) -> ReplicaPlan:
+    """The replica's resources: a ``gpu_share_of_replica`` of one GPU when ``use_gpu`` resolves to GPUs on a
+    cluster of ``cluster_gpus`` (``auto``: when it has some), else none; ``cpus`` CPUs either way."""
+    if not 0.0 < gpu_share_of_replica <= 1.0:
+        raise UserError(f"--gpus-per-replica must be in (0, 1], got {gpu_share_of_replica}")
+    if cpus < 1:
+        raise UserError(f"--replica-cpus must be at least 1, got {cpus}")
+    on_gpu = resolve_use_gpu(use_gpu, cluster_gpus, "the Ray cluster")
+    return ReplicaPlan(cpus=cpus, gpus=gpu_share_of_replica if on_gpu else 0.0)
+
+
 def cpu_actors_per_node(node_cpus: int, cores: int | None = None) -> int:
     """CPU embedding actors for a node with ``node_cpus`` Ray CPUs and ``cores`` cores (when known: a local Ray
     advertises more logical CPUs than the machine has, see ``onray.runtime.local_num_cpus``)."""

@@ -199,9 +199,10 @@ class Searcher:
     """One model's train gallery, kept loaded between queries (the model, the index, the test embeddings),
     so every query after the first costs milliseconds, not the seconds of imports and loading."""
 
-    def __init__(self, run: RunPaths, model: str = ""):
+    def __init__(self, run: RunPaths, model: str = "", device: str = "cpu"):
         from lib.data.reader import PreparedData
 
+        self.device = device  # where the network embeds uploaded images ("cuda" in a GPU replica)
         self.run, self.info = run, saved_index_info(run)
         self.model = model or self.info["model"]
         self.gallery = load_gallery(run, self.info, self.model)
@@ -279,7 +280,7 @@ class Searcher:
         """(Q, H, W, 3) uint8 -> (Q, D) float32 with this model's network (loaded on first use), in one batch
         of up to 64 images at a time, as in jobs.evaluate."""
         source, network = self.load_network()
-        return embed_loop(source, network, images, batch_size=64)
+        return embed_loop(source, network, images, batch_size=64, device=self.device)
 
     def load_network(self) -> tuple[ModelSource, Any]:
         """The model's (source, network), loaded on first use; a :class:`UserError` for a model without one."""
@@ -287,7 +288,7 @@ class Searcher:
             source = ModelSource.recorded(read_json(self.run.embeddings(self.model) / "source.json"))
             if source is None:
                 raise UserError(f"the {self.model} model cannot embed new images (search it with test ids)")
-            self._network = (source, load_embedding_model(source))
+            self._network = (source, load_embedding_model(source, self.device))
         return self._network
 
     def search_images(self, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

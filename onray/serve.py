@@ -21,6 +21,7 @@ replica down. FastAPI's generated docs are off: the URLs above are all there is.
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' parameter types (Request) from their
 # annotations, and Serve ships the routes to the replica by value, where a name in a string annotation is unknown.
+import asyncio
 import contextlib
 import io
 import time
@@ -54,7 +55,9 @@ class GallerySettings:
     max_upload_pixels: int = 40_000_000
     max_batch_size: int = 16
     batch_wait_ms: float = 2.0
-    torch_threads: int = 0  # 0: torch's default
+    torch_threads: int = 0  # 0: the replica's CPUs
+    replica_cpus: int = 1
+    replica_gpus: float = 0.0  # a share of one GPU; 0 runs the network on the replica's CPUs
 
 
 @dataclass
@@ -142,19 +145,24 @@ class GalleryService:
     """The run gallery's one deployment: page, images, figures and batched search."""
 
     def __init__(self, settings: GallerySettings):
+        import ray
         import torch
 
         from lib.data.reader import PreparedData
+        from lib.devices import cuda_unusable_reason
         from lib.gallery import ImageStore
         from lib.paths import RunPaths
         from lib.search import Searcher
 
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        if ray.get_gpu_ids() and not torch.cuda.is_available():
+            raise RuntimeError(cuda_unusable_reason())  # never a silent CPU fallback on a GPU replica
+        self.device = "cuda" if ray.get_gpu_ids() else "cpu"
+        # Ray pins an actor to one thread; a CPU replica's forward passes get the CPUs it asked for
+        torch.set_num_threads(settings.torch_threads or settings.replica_cpus)
         self.settings = settings
         self.run = RunPaths.of(settings.run_dir)
         started = time.perf_counter()
-        default = Searcher(self.run, settings.model)
+        default = Searcher(self.run, settings.model, self.device)
         self.searchers = {default.model: default}
         self.default_model = default.model
         self.images = ImageStore(PreparedData.open(default.info["data_dir"]))
@@ -162,7 +170,7 @@ class GalleryService:
         self.search_batch.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
         self._warm_up(default)
         log(f"gallery of {self.run.root}: model {default.model}, {default.gallery.index.ntotal} gallery images, "
-            f"ready in {time.perf_counter() - started:.1f} s")
+            f"on {self.device}, ready in {time.perf_counter() - started:.1f} s")
 
     @staticmethod
     def _warm_up(searcher) -> None:
@@ -176,7 +184,7 @@ class GalleryService:
 
         model = model or self.default_model
         if model not in self.searchers:
-            self.searchers[model] = Searcher(self.run, model)  # a UserError for an unknown model
+            self.searchers[model] = Searcher(self.run, model, self.device)  # a UserError for an unknown model
         return self.searchers[model]
 
     @app.api_route("/", methods=GET_OR_HEAD)
@@ -261,6 +269,11 @@ class GalleryService:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def search_batch(self, queries: list[Query]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """:meth:`answer_batch` in a worker thread: the forward pass and the index search never block the replica's
+        event loop, so the page, images and the next batch's queries are taken while a batch computes."""
+        return await asyncio.to_thread(self.answer_batch, queries)
+
+    def answer_batch(self, queries: list[Query]) -> list[tuple[np.ndarray, np.ndarray, int]]:
         """Each model's queries in one forward pass (uploads) and one index search: (similarities, rows, batch
         size) per query. A train id's own row is left out of its neighbours."""
         answers: list[Any] = [None] * len(queries)
@@ -282,19 +295,27 @@ class GalleryService:
         return answers
 
 
+def gallery_deployment(settings: GallerySettings):
+    """The deployment with the resources ``settings`` plan for its replica (CPUs, a share of a GPU)."""
+    return GalleryService.options(ray_actor_options={"num_cpus": settings.replica_cpus,
+                                                     "num_gpus": settings.replica_gpus})
+
+
 def gallery_app(settings: GallerySettings):
     """The Serve application (bind the deployment to its settings)."""
-    return GalleryService.bind(settings)
+    return gallery_deployment(settings).bind(settings)
 
 
 def build_app(args: dict[str, str]):
     """``serve run onray.serve:build_app run_dir=RUN [model=NAME] [max_upload_bytes=N]``: Serve's app builder."""
-    known = {"run_dir", "model", "max_upload_bytes", "max_batch_size", "batch_wait_ms", "torch_threads"}
+    known = {"run_dir", "model", "max_upload_bytes", "max_batch_size", "batch_wait_ms", "torch_threads",
+             "replica_cpus", "replica_gpus"}
     unknown = sorted(set(args) - known)
     if unknown or "run_dir" not in args:
         raise UserError(f"serve run onray.serve:build_app takes run_dir=RUN and optionally "
                         f"{', '.join(sorted(known - {'run_dir'}))}; got {', '.join(unknown) or 'no run_dir'}")
-    types = {"max_upload_bytes": int, "max_batch_size": int, "batch_wait_ms": float, "torch_threads": int}
+    types = {"max_upload_bytes": int, "max_batch_size": int, "batch_wait_ms": float, "torch_threads": int,
+             "replica_cpus": int, "replica_gpus": float}
     return gallery_app(GallerySettings(**{key: types.get(key, str)(value) for key, value in args.items()}))
 
 
