@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import BenchmarkConfig, class_structured_unit_vectors
+from lib.parquet import write_parquet
 
 WARMUP_QUERIES = 20
 LATENCY_QUERIES = 300
@@ -75,7 +76,6 @@ def synthetic_run(work: Path, rows: int, backbone: str, dim: int = 128) -> Path:
     model's ``source.json`` and test embeddings, and ``RUN/eval/index.*`` as ``jobs.evaluate`` writes them."""
     import faiss
     import pyarrow as pa
-    import pyarrow.parquet as pq
     from PIL import Image
 
     from lib.data.reader import PreparedData
@@ -109,7 +109,7 @@ def synthetic_run(work: Path, rows: int, backbone: str, dim: int = 128) -> Path:
     index.add(vectors)
     run.eval.mkdir(parents=True, exist_ok=True)
     faiss.write_index(index, str(run.eval / "index.faiss"))
-    pq.write_table(pa.table({"id": [f"train/synthetic/{i:05d}" for i in range(rows)],
+    write_parquet(pa.table({"id": [f"train/synthetic/{i:05d}" for i in range(rows)],
                              "label": pa.array(labels, pa.int64())}), run.eval / "index_rows.parquet")
     write_json(run.eval / "index.json", {"model": model, "rows": rows, "dim": dim, "split": "train",
                                          "synthetic": True, "data_dir": str(data.root), "classes": data.classes,

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from lib.augment import as_tensor, normalize, resize_batch
@@ -32,6 +31,7 @@ from lib.config import from_dict
 from lib.data.reader import SPLITS, table_ids
 from lib.errors import UserError
 from lib.io import atomic_path, read_json
+from lib.parquet import read_parquet, write_parquet
 from lib.paths import RunPaths
 from lib.precision import forward, prepare_for_bf16, uses_bf16
 from lib.training import TrainConfig
@@ -226,7 +226,7 @@ def write_split(path: Path, ids: np.ndarray, labels: np.ndarray, embeddings: np.
                                                                      embeddings.shape[1])})
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        write_parquet(table, tmp)
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def read_embeddings(run_dir: str | os.PathLike, name: str, split: str) -> SplitE
     path = RunPaths.of(run_dir).embeddings(name) / f"{split}.parquet"
     if not path.is_file():
         raise UserError(f"no embeddings for model {name!r}: {path} is missing (run jobs.evaluate)")
-    table = pq.read_table(path)
+    table = read_parquet(path)
     column = table.column("embedding").combine_chunks()
     vectors = column.flatten().to_numpy().reshape(len(table), column.type.list_size)
     return SplitEmbeddings(table_ids(table), table.column("label").to_numpy(), vectors)

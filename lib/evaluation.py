@@ -24,6 +24,7 @@ from lib.devices import USE_GPU_HELP, UseGpu
 from lib.embedding import ModelSource, SplitEmbeddings, trained_config, write_split
 from lib.errors import UserError
 from lib.io import atomic_path, read_json, write_json
+from lib.parquet import write_parquet
 from lib.paths import RunPaths
 from lib.precision import PRECISION_HELP, Precision
 from lib.report import STACKED, grid_query_rows, model_entry, seeded_subset
@@ -170,7 +171,6 @@ def find_near_duplicates(cfg: EvaluateConfig, data: PreparedData, out: Path) -> 
     ``near_duplicates.parquet`` (one row per such test image, most similar first) and drawn in
     ``near_duplicates.png``; returns their ids. Holds both splits' pixels in memory while it runs."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from lib.duplicates import nearest_train
     from lib.plots import near_duplicates_figure, save_figure
@@ -186,7 +186,7 @@ def find_near_duplicates(cfg: EvaluateConfig, data: PreparedData, out: Path) -> 
                       "test_label": pa.array(test.labels[rows], pa.int64()),
                       "train_label": pa.array(train.labels[pairs], pa.int64())})
     with atomic_path(out / "near_duplicates.parquet") as tmp:
-        pq.write_table(table, tmp)
+        write_parquet(table, tmp)
     shown = rows[:24]
     save_figure(near_duplicates_figure(test.images[shown], train.images[found.train_rows[shown]],
                                        found.similarity[shown], found.count, len(test), cfg.near_duplicate_threshold),
@@ -235,7 +235,6 @@ def write_figures(cfg: EvaluateConfig, data: PreparedData, out: Path, splits: Sp
 def save_index(cfg: EvaluateConfig, data: PreparedData, out: Path, train: SplitEmbeddings, name: str) -> None:
     """``index.faiss``: an exact inner-product index of ``name``'s train embeddings; rows in ``index_rows.parquet``."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from lib.retrieval.index import faiss, l2_normalize
 
@@ -246,7 +245,7 @@ def save_index(cfg: EvaluateConfig, data: PreparedData, out: Path, train: SplitE
         faiss.write_index(index, str(tmp))
     rows = pa.table({"id": pa.array([str(i) for i in ids], pa.string()), "label": pa.array(labels, pa.int64())})
     with atomic_path(out / "index_rows.parquet") as tmp:
-        pq.write_table(rows, tmp)  # row i of the table = row i of the index
+        write_parquet(rows, tmp)  # row i of the table = row i of the index
     write_json(out / "index.json", {"model": name, "rows": len(ids), "dim": int(vectors.shape[1]),
                                     "similarity": "inner product of L2-normalised embeddings (cosine)",
                                     "split": "train", "data_dir": str(data.root), "classes": data.classes,

@@ -18,6 +18,7 @@ import numpy as np
 
 from lib.data.reader import SPLITS, PreparedData
 from lib.errors import UserError
+from lib.parquet import read_parquet
 from lib.paths import RunPaths
 
 # RUN/eval pictures the page shows, in its order; loss curves are loss_curve_<backbone>.png
@@ -65,12 +66,11 @@ class ImageStore:
 
     def _locate(self, image_id: str) -> tuple[str, int]:
         if self._where is None:
-            import pyarrow.parquet as pq
 
             self._where = {}
             for split in SPLITS:
                 for path in self.data.files(split):
-                    ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+                    ids = read_parquet(path, columns=["id"]).column("id").to_pylist()
                     self._where.update((row_id, (path, row)) for row, row_id in enumerate(ids))
         if image_id not in self._where:
             raise UnknownImage(f"no image with id {image_id!r} in {self.data.root}")
@@ -78,13 +78,12 @@ class ImageStore:
 
     def pixels(self, image_id: str) -> np.ndarray:
         """(H, W, 3) uint8 of a stored image."""
-        import pyarrow.parquet as pq
 
         from lib.data.reader import table_images
 
         path, row = self._locate(image_id)
         if path not in self._files:
-            self._files[path] = table_images(pq.read_table(path, columns=["image"]))
+            self._files[path] = table_images(read_parquet(path, columns=["image"]))
             while len(self._files) > self.cached_files:
                 self._files.popitem(last=False)
         self._files.move_to_end(path)

@@ -18,6 +18,7 @@ import numpy as np
 from lib.embedding import ModelSource, embed_loop, load_embedding_model, read_embeddings
 from lib.errors import UserError
 from lib.io import read_json
+from lib.parquet import read_parquet
 from lib.paths import RunPaths
 
 
@@ -102,12 +103,11 @@ def read_index_rows(path: Path, rows: int, classes: int) -> tuple[np.ndarray, np
     """(ids (N,) str, labels (N,) int64) of ``index_rows.parquet``, checked against the index's ``rows`` and the
     number of ``classes``."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from lib.data.reader import table_ids
 
     try:
-        table = pq.read_table(path)
+        table = read_parquet(path)
     except (OSError, pa.ArrowException) as err:
         raise _not_saved_by_evaluate(path, f"not readable as Parquet: {str(err).splitlines()[0][:200]}") from None
     for column, check in (("id", pa.types.is_string), ("label", pa.types.is_integer)):

@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 
 from lib.augment import AugmentSettings, augment_batch, resize_batch
 from lib.data.reader import SPLITS, PreparedData, table_ids, table_images
+from lib.parquet import read_parquet
 
 Shuffle = Literal["none", "blocks", "full"]
 # Fewer, larger blocks cost less scheduling per epoch; this many per CPU still keeps every CPU busy
@@ -98,7 +98,7 @@ def read_prepared(data: PreparedData, readers: int = 1) -> ray.data.Dataset:
 def _read_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     columns: dict[str, list[np.ndarray]] = {"id": [], "image": [], "label": [], "split": []}
     for split, path in zip(batch["split"], batch["file"], strict=True):
-        table = pq.read_table(str(path), columns=["id", "image", "label"])
+        table = read_parquet(str(path), columns=["id", "image", "label"])
         columns["id"].append(table_ids(table))
         columns["image"].append(table_images(table))
         columns["label"].append(table.column("label").to_numpy())

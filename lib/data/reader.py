@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lib.errors import UserError
+from lib.parquet import read_dataset
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -143,7 +144,7 @@ class PreparedData:
         return hashlib.sha256((self.root / MANIFEST).read_bytes()).hexdigest()
 
     def read_table(self, split: str, columns: list[str], filters: Any = None) -> pa.Table:
-        return pq.ParquetDataset(self.files(split), filters=filters).read(columns=columns)
+        return read_dataset(self.files(split), columns, filters)
 
     def ids_and_labels(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(ids (N,) str, labels (N,) int64) of ``split`` without reading its pixels."""

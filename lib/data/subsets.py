@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lib.data.reader import PreparedData
+from lib.parquet import read_parquet, write_parquet
 from lib.sources.picking import stable_hash
 
 
@@ -52,12 +52,12 @@ def write_subset(data: PreparedData, split: str, ids: np.ndarray, folder: str | 
             wanted = pa.array(np.asarray(ids).astype(str))
             tables = []
             for path in data.files(split):
-                table = pq.read_table(path)
+                table = read_parquet(path)
                 tables.append(table.filter(pc.is_in(table.column("id"), value_set=wanted)))
             subset = pa.concat_tables(tables)
             bounds = np.linspace(0, len(subset), len(names) + 1).astype(int)
             for name, start, stop in zip(names, bounds[:-1], bounds[1:], strict=True):
-                pq.write_table(subset.slice(start, stop - start), staged / name)
+                write_parquet(subset.slice(start, stop - start), staged / name)
             try:
                 os.rename(staged, folder)
             except OSError:  # another writer finished first (or a partial folder is in the way)

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from lib.data.images import read_image_file
 from lib.data.reader import MANIFEST, SPLITS
 from lib.io import atomic_path, write_json
+from lib.parquet import write_parquet
 from lib.sources.location import file_uri
 
 # Settings that decide a prepared data set's content; a rerun with other values must not reuse it.
@@ -95,7 +95,7 @@ def write_shard_batch(batch: dict[str, Any], *, out_dir: str, image_shape: tuple
             "label_name": pa.array([classes[i] for i in labels[keep]], pa.string()),
         }, schema=parquet_schema(image_shape))
         with atomic_path(split_dir / name) as tmp:
-            pq.write_table(table, tmp)
+            write_parquet(table, tmp)
         counts = Counter(int(label) for label in labels[keep])
         written.append({"split": split, "file": f"{split}/{name}", "rows": int(keep.sum()),
                         "counts": {classes[k]: v for k, v in sorted(counts.items())}})
