@@ -95,8 +95,8 @@ def test_offline_imagenet_weights_fail_with_one_line(data_dir, tmp_path, capsys,
     assert "cannot load ImageNet weights for densenet121" in lines[0] and "--weights none" in lines[0]
 
 
-@pytest.mark.parametrize("loss, column", [("triplet", "active_fraction"), ("multi_similarity", "mined_pair_fraction"),
-                                          ("proxy_anchor", "proxy_accuracy"), ("supcon", "similarity_gap")])
+# triplet trains in every other test here and proxy_anchor in the resume test below: the other two run here
+@pytest.mark.parametrize("loss, column", [("multi_similarity", "mined_pair_fraction"), ("supcon", "similarity_gap")])
 def test_each_loss_trains_on_the_smoke_preset_and_reports_its_own_statistics(data_dir, tmp_path, loss, column):
     run = tmp_path / "run"
     assert smoke(data_dir, run, "--backbones", "resnet50", "--loss", loss, "--epochs", "2") == 0
