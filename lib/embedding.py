@@ -153,8 +153,20 @@ def embed_images(model: EmbeddingNet, images: np.ndarray, image_size: int, devic
         return forward(model, batch, bf16).cpu().numpy()
 
 
-# Images staged to the GPU per step by embed_with_models: at 224 px the normalised float32 chunk is 256 x 0.6 MB.
+# Images staged to the GPU per step by embed_with_models at 224 px (the normalised float32 chunk: 256 x 0.6 MB);
+# smaller inputs take proportionally more per step (device_chunk), up to MAX_DEVICE_CHUNK.
 DEVICE_CHUNK = 256
+MAX_DEVICE_CHUNK = 4096
+
+
+def device_chunk(image_sizes: list[int], device: torch.device) -> int:
+    """Images per step for ``device``: on a GPU, :data:`DEVICE_CHUNK` at 224 px scaled by the pixels of the largest
+    input (32 px: 4,096), so a step's activations stay near the same size; on the CPU, the whole batch Ray Data
+    handed over (its cores are busy either way)."""
+    if device.type != "cuda":
+        return MAX_DEVICE_CHUNK
+    side = max(image_sizes, default=224)
+    return int(min(MAX_DEVICE_CHUNK, max(16, DEVICE_CHUNK * (224 / side) ** 2)))
 
 
 def _staged_chunks(images: np.ndarray, device: torch.device, chunk: int) -> Iterator[torch.Tensor]:
@@ -187,10 +199,11 @@ def _staged_chunks(images: np.ndarray, device: torch.device, chunk: int) -> Iter
 
 
 def embed_with_models(models: list[EmbeddingNet], sources: list[ModelSource], images: np.ndarray,
-                      device: torch.device, bf16: list[bool], chunk: int = DEVICE_CHUNK) -> list[np.ndarray]:
+                      device: torch.device, bf16: list[bool], chunk: int | None = None) -> list[np.ndarray]:
     """(N, H, W, 3) uint8 -> one (N, D_i) float32 array of unit vectors per model, each batch decoded to the device
     once for all models and resized and normalised once per distinct ``image_size`` among them (not once per
     model). The results stay on the device until the end: one host copy per model."""
+    chunk = chunk or device_chunk([source.image_size for source in sources], device)
     outputs: list[list[torch.Tensor]] = [[] for _ in models]
     sizes = sorted({source.image_size for source in sources})
     with torch.inference_mode():

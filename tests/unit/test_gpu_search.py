@@ -134,3 +134,13 @@ def test_training_validation_searches_with_torch_and_scores_as_faiss_would():
     _, rows = knn(embeddings, embeddings, 5, exclude_self=True, use_gpu=False)
     expected = {"val_map@5": map_at_k(labels[rows], labels, 5), "val_p@5": precision_at_k(labels[rows], labels, 5)}
     assert val_retrieval_metrics(embeddings, labels) == pytest.approx(expected)
+
+
+def test_gpu_steps_are_sized_by_the_input_side():
+    from lib.embedding import MAX_DEVICE_CHUNK, device_chunk
+
+    cuda = torch.device("cuda")
+    assert device_chunk([224], cuda) == 256 and device_chunk([112], cuda) == 1024
+    assert device_chunk([32, 224], cuda) == 256  # the largest input decides
+    assert device_chunk([32], cuda) == MAX_DEVICE_CHUNK and device_chunk([2048], cuda) == 16
+    assert device_chunk([224], torch.device("cpu")) == MAX_DEVICE_CHUNK
