@@ -59,6 +59,10 @@ class LossParams:
     proxy_lr_factor: float = option(PROXY_LR_FACTOR, help="proxy_anchor: the proxies' learning rate as a multiple "
                                                           "of --lr")
     temperature: float = option(0.1, help="supcon: softmax temperature of the similarities")
+    ce_weight: float = option(1.0, help="triplet_ce: weight of the auxiliary classification term against the "
+                                        "triplet loss")
+    ce_scale: float = option(16.0, help="triplet_ce: scale of the cosine-classifier logits (a softmax temperature "
+                                        "of 1/scale)")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -274,6 +278,40 @@ class ProxyAnchorObjective(Objective):
         return {"proxy_accuracy": totals["nearest_proxy_correct"] / max(1.0, totals["embeddings"])}
 
 
+class TripletClassifierObjective(TripletObjective):
+    """The triplet loss plus an auxiliary classification term: a cosine classifier over the embedding (one
+    learned unit weight vector per class, ``classifier``, logits = ``scale`` x cosine) trained with softmax
+    cross-entropy, weighted by ``ce_weight``. The class term pulls every embedding towards its class's weight
+    on each step, including the steps where few triplets are active; retrieval still uses the embedding alone.
+    Stats: the triplet loss's, and ``classifier_correct`` out of ``embeddings``; the epoch's
+    ``active_fraction`` and ``classifier_accuracy``."""
+
+    stat_names = (*TripletObjective.stat_names, "classifier_correct", "embeddings")
+
+    def __init__(self, num_classes: int, embedding_dim: int, margin: float = 0.2, miner: Miner = "all",
+                 ce_weight: float = 1.0, scale: float = 16.0):
+        super().__init__(margin, miner)
+        self.classifier = torch.nn.Parameter(torch.randn(num_classes, embedding_dim) / embedding_dim ** 0.5)
+        self.ce_weight, self.scale = ce_weight, scale
+        # the class weights start random and must reach their classes within a few epochs (proxies, which
+        # face the same start, train at PROXY_LR_FACTOR x): a tenth of that keeps them behind the network's pull
+        self.parameter_lr_factor = PROXY_LR_FACTOR / 10
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        triplet_loss, stats = super().forward(embeddings, labels)
+        unit = torch.nn.functional.normalize(embeddings.float(), dim=1)
+        logits = self.scale * unit @ torch.nn.functional.normalize(self.classifier, dim=1).T
+        loss = triplet_loss + self.ce_weight * torch.nn.functional.cross_entropy(logits, labels)
+        with torch.no_grad():
+            correct = (logits.argmax(dim=1) == labels).sum()
+        return loss, {**stats, "classifier_correct": correct, "embeddings": _count(len(labels), embeddings.device)}
+
+    def epoch_metrics(self, totals: Mapping[str, float]) -> dict[str, float]:
+        return {**super().epoch_metrics(totals),
+                "classifier_accuracy": totals["classifier_correct"] / max(1.0, totals["embeddings"])}
+
+
 class SupConObjective(Objective):
     """Supervised contrastive loss: for every anchor, a softmax over its cosine similarities to the rest of
     the batch that puts the mass on its positives (``temperature`` sharpens it). Stats: the similarity sums of
@@ -297,6 +335,12 @@ class SupConObjective(Objective):
 @register_objective("triplet")
 def triplet(cfg: TrainConfig, num_classes: int) -> Objective:
     return TripletObjective(cfg.margin, cfg.miner)
+
+
+@register_objective("triplet_ce")
+def triplet_ce(cfg: TrainConfig, num_classes: int) -> Objective:
+    p = cfg.loss_params
+    return TripletClassifierObjective(num_classes, cfg.embedding_dim, cfg.margin, cfg.miner, p.ce_weight, p.ce_scale)
 
 
 @register_objective("multi_similarity")

@@ -11,7 +11,8 @@ from lib.training import TrainConfig, make_optimizer
 BUILT_IN = ("triplet", "multi_similarity", "proxy_anchor", "supcon")
 # the column(s) each built-in objective adds to an epoch row
 EPOCH_COLUMNS = {"triplet": {"active_fraction"}, "multi_similarity": {"mined_pair_fraction", "similarity_gap"},
-                 "proxy_anchor": {"proxy_accuracy"}, "supcon": {"similarity_gap"}}
+                 "proxy_anchor": {"proxy_accuracy"}, "supcon": {"similarity_gap"},
+                 "triplet_ce": {"active_fraction", "classifier_accuracy"}}
 
 
 def config(loss: str, **values) -> TrainConfig:
@@ -69,6 +70,8 @@ def test_each_objective_learns_a_separable_batch_and_reports_its_stats(name):
     assert all(torch.is_tensor(value) and value.ndim == 0 for value in stats.values())
     row = objective.epoch_metrics({key: float(value) for key, value in stats.items()})
     assert set(row) == EPOCH_COLUMNS.get(name, set(row)) and all(isinstance(v, float) for v in row.values())
+    if name == "triplet_ce":
+        assert row["classifier_accuracy"] == 1.0  # the cosine classifier separates the classes too
     if name == "proxy_anchor":
         assert row["proxy_accuracy"] == 1.0  # every input now nearest its own class's proxy
     if "similarity_gap" in row:
