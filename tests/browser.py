@@ -2,7 +2,7 @@
 
 Chosen over Selenium and Playwright: the only Python dependency is ``websocket-client``, nothing is
 downloaded at run time (Playwright wants its own browser build, Selenium a matching chromedriver),
-and the protocol's few calls used here (navigate, evaluate, set a file input, screenshot) are stable.
+and the protocol's few calls used here (navigate, evaluate, set a file input, mouse events, screenshot) are stable.
 """
 
 from __future__ import annotations
@@ -103,6 +103,14 @@ class Chromium:
         root = self.call("DOM.getDocument")["root"]["nodeId"]
         node = self.call("DOM.querySelector", nodeId=root, selector=selector)["nodeId"]
         self.call("DOM.setFileInputFiles", nodeId=node, files=[str(path)])
+
+    def mouse(self, kind: str, x: float, y: float) -> None:
+        """A real pointer event at window coordinates (x, y): ``move`` or ``click`` (left button down and up)."""
+        if kind == "move":
+            self.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+            return
+        for event in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=event, x=x, y=y, button="left", clickCount=1)
 
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", format="png")["data"]

@@ -1,5 +1,5 @@
 // The run gallery page: plain DOM code, no framework, no build step. Talks to the Serve app's
-// GET /api/run, POST /search, GET /image/<id> and GET /figure/<name>.
+// GET /api/run, POST /search, GET /image/<id> and GET /figure/<name>; the embedding map (map.js) to GET /api/map.
 "use strict";
 
 const state = { run: null, model: "", k: 8 };
@@ -73,6 +73,7 @@ function showSearch(answer, objectUrl, what) {
   const target = $("search-result");
   target.replaceWith(Object.assign(resultRow(answer, objectUrl), { id: "search-result" }));
   setStatus(`${what}: ${answer.neighbours.length} neighbours with ${answer.model} in ${answer.ms} ms`);
+  markOnMap(answer.query.id);
   $("search").scrollIntoView({ behavior: "instant", block: "start" });
 }
 
@@ -178,7 +179,9 @@ async function start() {
   });
   state.k = Number($("k").value);
   renderFigures();
+  const map = loadMap().catch((err) => setStatus("cannot load the map: " + err.message, true));
   await pickModel(state.run.default_model);
+  await map;
   document.body.dataset.ready = "true";
 }
 
