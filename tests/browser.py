@@ -26,7 +26,8 @@ def chromium_path() -> str | None:
 
 
 class Chromium:
-    """One headless browser with one page; ``evaluate`` runs JavaScript in it and returns the value."""
+    """One headless browser with one page of ``width`` x ``height`` CSS pixels; ``evaluate`` runs JavaScript in it
+    and returns the value."""
 
     def __init__(self, profile: Path, width: int = 1280, height: int = 1000, timeout: float = 30.0):
         import websocket
@@ -55,6 +56,8 @@ class Chromium:
         self._next_id = 0
         self.call("Page.enable")
         self.call("Runtime.enable")
+        # the page's viewport is exactly width x height (the window's own frame would take some of --window-size)
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
 
     def _debugging_port(self, active_port: Path) -> int:
         deadline = time.monotonic() + self.timeout

@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
+  $("status").title = text;
   $("status").className = isError ? "error" : "";
 }
 
@@ -74,7 +75,8 @@ function showSearch(answer, objectUrl, what) {
   target.replaceWith(Object.assign(resultRow(answer, objectUrl), { id: "search-result" }));
   setStatus(`${what}: ${answer.neighbours.length} neighbours with ${answer.model} in ${answer.ms} ms`);
   markOnMap(answer.query.id);
-  $("search").scrollIntoView({ behavior: "instant", block: "start" });
+  // scroll only when the search row is out of view (a click far down the grid), not for a click on the map beside it
+  $("search").scrollIntoView({ behavior: "instant", block: "nearest" });
 }
 
 async function searchById(id) {

@@ -244,6 +244,7 @@ def test_the_page_in_headless_chromium_searches_from_a_clicked_image_a_map_point
         browser.open(url)
         browser.wait_for("document.body.dataset.ready === 'true'", timeout=60)
         assert browser.evaluate("[innerWidth, innerHeight]") == [1400, 1000]
+        browser.wait_for("[...document.querySelectorAll('#figures img')].every(i => i.complete && i.naturalWidth > 100)")
         # at 1400 x 1000: two columns side by side, the results, map and pictures in view without scrolling
         left, right = browser.evaluate("[...document.querySelectorAll('main > .column')].map(c => {"
                                        "const r = c.getBoundingClientRect(); return [r.left, r.right, r.top]; })")
@@ -266,7 +267,6 @@ def test_the_page_in_headless_chromium_searches_from_a_clicked_image_a_map_point
                                  "'.neighbour img')].map(i => [i.dataset.id, i.parentNode.classList.contains('wrong')])")
         assert shown == [[i, label != rows[0].split("/")[1]] for i, label, _ in first]
         assert browser.evaluate("document.querySelectorAll('#results tbody tr').length") == 3
-        assert browser.evaluate("[...document.querySelectorAll('#figures img')].every(i => i.naturalWidth > 100)")
 
         # the map: every point of RUN/eval/map.json drawn; hovering one shows its image, clicking searches from it
         served_map = requests.get(url + "api/map", timeout=30).json()
