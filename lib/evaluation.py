@@ -1,7 +1,8 @@
 """``jobs.evaluate`` without Ray: its config, and scoring, stacking, clustering, pictures and the saved index
 over embeddings already in the store (:mod:`lib.embedding`). The Ray side is :mod:`onray.evaluate`.
 
-Outputs in ``RUN/eval/``: ``results.md``, ``tsne.png``, ``clusters.png``, ``retrieval_grid.png``,
+Outputs in ``RUN/eval/``: ``results.md``, ``tsne.png``, ``clusters.png``, ``map.json`` (the same map as data, for
+the page), ``retrieval_grid.png``,
 ``loss_curve_<backbone>.png``, ``embeddings.csv`` (test rows), ``index.faiss`` + ``index_rows.parquet`` +
 ``index.json`` (the best single network's train gallery, for jobs.search) and, last, ``metrics.json``
 (lib.report layout).
@@ -27,9 +28,9 @@ from lib.io import atomic_path, read_json, write_json
 from lib.parquet import write_parquet
 from lib.paths import RunPaths
 from lib.precision import PRECISION_HELP, Precision
-from lib.report import STACKED, grid_query_rows, model_entry, seeded_subset
+from lib.report import STACKED, grid_query_rows, model_entry, seeded_subset, tsne_map_document, write_tsne_map
 
-OUTPUTS = ("results.md", "tsne.png", "clusters.png", "retrieval_grid.png", "embeddings.csv", "index.faiss",
+OUTPUTS = ("results.md", "tsne.png", "clusters.png", "map.json", "retrieval_grid.png", "embeddings.csv", "index.faiss",
            "index_rows.parquet", "index.json", "near_duplicates.parquet", "near_duplicates.png")
 # metrics.json key of protocol G scored without the test queries that have a near-duplicate in train
 G_CLEAN = "G_without_near_duplicates"
@@ -67,8 +68,10 @@ class EvaluateConfig:
     num_actors: int = option(0, help="embedding actors (0: one per GPU, else one per core, up to 8 per node)")
     use_gpu: UseGpu = option("auto", help=USE_GPU_HELP + " (embedding actors; faiss uses a GPU when its build has one)")
     precision: Precision = option("auto", help=PRECISION_HELP)
-    tsne_points: int = option(10000, help="test points in the t-SNE and cluster maps (a seeded subset)")
-    grid_queries: int = option(8, help="test queries in retrieval_grid.png")
+    tsne_points: int = option(10000, help="test points in the t-SNE and cluster maps and the page's map.json "
+                                          "(a seeded subset)")
+    grid_queries: int = option(10, help="test queries in retrieval_grid.png, the classes in turn (10: each class of "
+                                        "CIFAR-10 once)")
     grid_k: int = option(8, help="train neighbours per query in retrieval_grid.png")
     csv_rows: int = option(2000, help="test rows per model in embeddings.csv (a seeded subset; 0 = all)")
     stack_projection: Literal["lda", "pca"] = option("lda", help="stacked embedding's projection (fit on train+val)")
@@ -206,7 +209,7 @@ def cluster_model(name: str, test: SplitEmbeddings, seed: int) -> tuple[dict[str
 
 def write_figures(cfg: EvaluateConfig, data: PreparedData, out: Path, splits: Splits, name: str,
                   clusters: np.ndarray, scores: dict[str, float]) -> None:
-    """``tsne.png``, ``clusters.png`` and ``retrieval_grid.png`` of model ``name``."""
+    """``tsne.png``, ``clusters.png``, ``map.json`` and ``retrieval_grid.png`` of model ``name``."""
     from lib.clustering import tsne_2d
     from lib.plots import clusters_figure, retrieval_grid_figure, save_figure, tsne_figure
     from lib.retrieval.index import knn
@@ -221,8 +224,11 @@ def write_figures(cfg: EvaluateConfig, data: PreparedData, out: Path, splits: Sp
     save_figure(tsne_figure(points, labels[rows], classes, title=f"t-SNE of {name} test embeddings, by true class"),
                 out / "tsne.png")
     save_figure(clusters_figure(points, labels[rows], clusters[rows], classes, scores), out / "clusters.png")
+    write_tsne_map(out / "map.json", tsne_map_document(name, classes, ids[rows], labels[rows], clusters[rows], points))
     train_ids, train_labels, train = splits.train.ids, splits.train.labels, splits.train.vectors
     queries = grid_query_rows(labels, cfg.grid_queries, cfg.seed)
+    detail(f"{name}: retrieval grid of {len(queries)} test queries from {len(np.unique(labels[queries]))} of "
+           f"{len(np.unique(labels))} classes")
     similarities, neighbours = knn(test[queries], train, min(cfg.grid_k, len(train)), use_gpu=cfg.faiss_use_gpu)
     gallery_rows = np.unique(neighbours)  # only the neighbours' pixels are read
     figure = retrieval_grid_figure(

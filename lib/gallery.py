@@ -1,5 +1,6 @@
-"""What the run gallery (``jobs.serve``) shows, without Ray: a run's overview for the page, stored images
-as PNG by id, and the checks an uploaded file passes before it is decoded.
+"""What the run gallery (``jobs.serve``) shows, without Ray: a run's overview for the page, its embedding map
+(``RUN/eval/map.json``, checked before it is served), stored images as PNG by id, and the checks an uploaded
+file passes before it is decoded.
 
 The Serve app (:mod:`onray.serve`) turns these into HTTP answers; the searching itself is
 :class:`lib.search.Searcher`'s, the same as ``jobs.search``'s.
@@ -32,6 +33,53 @@ class UploadTooLarge(UserError):
 
 class UnknownImage(UserError):
     """An image id that no split holds (HTTP 404)."""
+
+
+class NoMap(UnknownImage):
+    """A run without a usable ``map.json`` (HTTP 404): missing, or not the layout :func:`lib.report.tsne_map_document`
+    writes."""
+
+
+MAP_KEYS = ("model", "classes", "clusters", "id", "x", "y", "label", "cluster")
+
+
+def read_tsne_map(run: RunPaths) -> dict[str, Any]:
+    """``RUN/eval/map.json`` as data, after checking its layout (lib.report's): every column a list of the same
+    length, ids strings, coordinates finite numbers, labels indexes into ``classes``, clusters in [0, clusters)."""
+    path = run.eval / "map.json"
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NoMap(f"no map.json in {run.eval} (jobs.evaluate writes it)") from None
+    except (OSError, ValueError) as err:
+        raise NoMap(f"{path} is not readable JSON: {type(err).__name__}") from None
+
+    def refuse(reason: str) -> NoMap:
+        return NoMap(f"{path} is not an embedding map: {reason}")
+
+    if not isinstance(document, dict) or sorted(document) != sorted(MAP_KEYS):
+        raise refuse(f"expected the keys {', '.join(MAP_KEYS)}")
+    classes, clusters = document["classes"], document["clusters"]
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or not classes:
+        raise refuse("classes must be a list of names")
+    if not isinstance(document["model"], str) or type(clusters) is not int or clusters < 0:
+        raise refuse("model must be a name and clusters a count")
+    columns = {key: document[key] for key in ("id", "x", "y", "label", "cluster")}
+    if not all(isinstance(column, list) for column in columns.values()) or len({len(c) for c in columns.values()}) != 1:
+        raise refuse("id, x, y, label and cluster must be lists of one length")
+
+    def coordinate(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+    checks = {"id": (lambda v: isinstance(v, str), "a string"), "x": (coordinate, "a finite number"),
+              "y": (coordinate, "a finite number"),
+              "label": (lambda v: type(v) is int and 0 <= v < len(classes), f"a class index below {len(classes)}"),
+              "cluster": (lambda v: type(v) is int and 0 <= v < clusters, f"a cluster below {clusters}")}
+    for key, (check, what) in checks.items():
+        bad = next((row for row, value in enumerate(columns[key]) if not check(value)), None)
+        if bad is not None:
+            raise refuse(f"{key}[{bad}] = {str(columns[key][bad])[:40]!r} is not {what}")
+    return document
 
 
 def check_upload(data: bytes, max_bytes: int, max_pixels: int) -> None:

@@ -15,11 +15,18 @@ pinned by unit tests (``tests/unit/test_report.py``):
 ``NAME`` is a backbone, ``<backbone>-untrained`` or ``stacked``. The stacked model also carries
 ``stacking_classifier: {"train_acc", "test_acc"}``, the stacking ensemble of
 :func:`lib.stacking.fit_stacking_classifier`.
+
+``map.json`` (the page's embedding map, :func:`tsne_map_document`; one column per key, row i = point i)::
+
+    {"model": NAME, "classes": [class name, ...], "clusters": K,
+     "id": [test id, ...], "x": [...], "y": [...],   # the t-SNE coordinates of tsne.png
+     "label": [class index, ...], "cluster": [K-Means cluster, ...]}
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -144,6 +151,30 @@ def grid_query_rows(labels: np.ndarray, count: int, seed: int = 0) -> np.ndarray
             if members and len(rows) < count:
                 rows.append(int(members.pop(0)))
     return np.asarray(rows, dtype=np.int64)
+
+
+def tsne_map_document(model: str, classes: list[str], ids: np.ndarray, labels: np.ndarray, clusters: np.ndarray,
+                      points: np.ndarray) -> dict[str, Any]:
+    """``map.json``'s document: the (N, 2) t-SNE ``points`` of test ``ids`` (N,) with their class ``labels`` (N,)
+    and K-Means ``clusters`` (N,); coordinates rounded to 3 decimals (a map spans tens of units)."""
+    points = np.asarray(points, dtype=np.float64)
+    n = len(points)
+    if points.shape != (n, 2) or any(np.shape(column) != (n,) for column in (ids, labels, clusters)):
+        raise ValueError(f"expected (N, 2) points and N ids, labels, clusters; got {points.shape}, "
+                         f"{np.shape(ids)}, {np.shape(labels)}, {np.shape(clusters)}")
+    clusters = np.asarray(clusters, dtype=np.int64)
+    return {"model": model, "classes": [str(c) for c in classes],
+            "clusters": int(clusters.max()) + 1 if n else 0,
+            "id": [str(i) for i in ids], "x": np.round(points[:, 0], 3).tolist(),
+            "y": np.round(points[:, 1], 3).tolist(), "label": np.asarray(labels, dtype=np.int64).tolist(),
+            "cluster": clusters.tolist()}
+
+
+def write_tsne_map(path: str | os.PathLike, document: dict[str, Any]) -> Path:
+    """Write ``map.json`` atomically, without indentation (10,000 points are about 0.5 MB so)."""
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        json.dump(document, handle, separators=(",", ":"))
+    return Path(path)
 
 
 def write_embeddings_csv(path: str | os.PathLike,

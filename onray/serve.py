@@ -6,6 +6,7 @@ One deployment (:class:`GalleryService`) behind Serve's HTTP proxy, routed by a 
     GET  /  (or /index.html)     the page (onray/page: plain HTML, JS and CSS, no build step, no CDN)
     GET  /page/<file>            the page's script and style sheet
     GET  /api/run                the run's metrics, models, pictures and the query grid's test ids (JSON)
+    GET  /api/map                the embedding map: t-SNE points of test images, classes, clusters (map.json)
     POST /search                 form fields: image (a file) or id (a test or train image id); k; model
     GET  /image/<id>             a stored image as PNG
     GET  /figure/<name>.png      a picture of RUN/eval (loss curves, t-SNE, clusters, retrieval grid)
@@ -201,6 +202,12 @@ class GalleryService:
     @app.api_route("/api/run", methods=GET_OR_HEAD)
     async def run_overview(self) -> JSONResponse:
         return JSONResponse(self.overview())
+
+    @app.api_route("/api/map", methods=GET_OR_HEAD)
+    async def embedding_map(self) -> JSONResponse:
+        from lib.gallery import read_tsne_map
+
+        return JSONResponse(read_tsne_map(self.run))  # a 404 with its reason when the run has no usable map
 
     @app.api_route("/image/{image_id:path}", methods=GET_OR_HEAD)
     async def image(self, image_id: str) -> Response:

@@ -2,7 +2,7 @@
 
 Chosen over Selenium and Playwright: the only Python dependency is ``websocket-client``, nothing is
 downloaded at run time (Playwright wants its own browser build, Selenium a matching chromedriver),
-and the protocol's few calls used here (navigate, evaluate, set a file input, screenshot) are stable.
+and the protocol's few calls used here (navigate, evaluate, set a file input, mouse events, screenshot) are stable.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def chromium_path() -> str | None:
 
 
 class Chromium:
-    """One headless browser with one page; ``evaluate`` runs JavaScript in it and returns the value."""
+    """One headless browser with one page of ``width`` x ``height`` CSS pixels; ``evaluate`` runs JavaScript in it
+    and returns the value."""
 
     def __init__(self, profile: Path, width: int = 1280, height: int = 1000, timeout: float = 30.0):
         import websocket
@@ -55,6 +56,8 @@ class Chromium:
         self._next_id = 0
         self.call("Page.enable")
         self.call("Runtime.enable")
+        # the page's viewport is exactly width x height (the window's own frame would take some of --window-size)
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
 
     def _debugging_port(self, active_port: Path) -> int:
         deadline = time.monotonic() + self.timeout
@@ -103,6 +106,14 @@ class Chromium:
         root = self.call("DOM.getDocument")["root"]["nodeId"]
         node = self.call("DOM.querySelector", nodeId=root, selector=selector)["nodeId"]
         self.call("DOM.setFileInputFiles", nodeId=node, files=[str(path)])
+
+    def mouse(self, kind: str, x: float, y: float) -> None:
+        """A real pointer event at window coordinates (x, y): ``move`` or ``click`` (left button down and up)."""
+        if kind == "move":
+            self.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+            return
+        for event in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=event, x=x, y=y, button="left", clickCount=1)
 
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", format="png")["data"]

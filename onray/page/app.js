@@ -1,5 +1,5 @@
 // The run gallery page: plain DOM code, no framework, no build step. Talks to the Serve app's
-// GET /api/run, POST /search, GET /image/<id> and GET /figure/<name>.
+// GET /api/run, POST /search, GET /image/<id> and GET /figure/<name>; the embedding map (map.js) to GET /api/map.
 "use strict";
 
 const state = { run: null, model: "", k: 8 };
@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
+  $("status").title = text;
   $("status").className = isError ? "error" : "";
 }
 
@@ -73,7 +74,9 @@ function showSearch(answer, objectUrl, what) {
   const target = $("search-result");
   target.replaceWith(Object.assign(resultRow(answer, objectUrl), { id: "search-result" }));
   setStatus(`${what}: ${answer.neighbours.length} neighbours with ${answer.model} in ${answer.ms} ms`);
-  $("search").scrollIntoView({ behavior: "instant", block: "start" });
+  markOnMap(answer.query.id);
+  // scroll only when the search row is out of view (a click far down the grid), not for a click on the map beside it
+  $("search").scrollIntoView({ behavior: "instant", block: "nearest" });
 }
 
 async function searchById(id) {
@@ -178,7 +181,9 @@ async function start() {
   });
   state.k = Number($("k").value);
   renderFigures();
+  const map = loadMap().catch((err) => setStatus("cannot load the map: " + err.message, true));
   await pickModel(state.run.default_model);
+  await map;
   document.body.dataset.ready = "true";
 }
 

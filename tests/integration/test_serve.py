@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -127,6 +128,7 @@ def test_bad_requests_get_a_4xx_with_one_line_and_the_replica_keeps_answering(se
         (post(url, image=cat_file, model="stacked"), 400, "cannot embed new images"),
         (requests.get(url + "image/train/cat/9999.png", timeout=30), 404, "no image with id"),
         (requests.get(url + "figure/index.faiss", timeout=30), 404, "no figure"),
+        (requests.post(url + "api/map", timeout=30), 405, "POST /api/map is not served"),
         (requests.get(url + "figure/..%2Fmetrics.json", timeout=30), 404, "no figure"),  # no way out of RUN/eval
         (requests.get(url + "search", timeout=30), 404, "nothing at /search"),
         (requests.get(url + "docs", timeout=30), 404, "nothing at /docs"),  # only the URLs of onray.serve's doc
@@ -166,7 +168,7 @@ def test_stored_images_figures_and_run_overview(service):
     assert figure.content == (run / "eval" / "tsne.png").read_bytes()
     page = requests.get(url, timeout=30)
     assert page.status_code == 200 and "/page/app.js" in page.text
-    for name in ("index.html", "app.js", "style.css"):  # self-contained: nothing fetched from elsewhere
+    for name in ("index.html", "app.js", "map.js", "style.css"):  # self-contained: nothing fetched from elsewhere
         text = (Path(__file__).parents[2] / "onray" / "page" / name).read_text()
         assert "http://" not in text and "https://" not in text and "//cdn" not in text, name
 
@@ -234,22 +236,63 @@ def test_serve_run_builder_takes_the_run_and_refuses_unknown_arguments(service):
 
 @pytest.mark.skipif(chromium_path() is None and not os.environ.get("CI"),
                     reason="no chromium (apt-get install chromium; .ci/run installs it, and in CI this test runs)")
-def test_the_page_in_headless_chromium_searches_from_a_clicked_image_and_an_upload(service, cat_file, tmp_path):
-    url, _, _ = service
-    browser = Chromium(tmp_path / "profile")
+def test_the_page_in_headless_chromium_searches_from_a_clicked_image_a_map_point_and_an_upload(service, cat_file,
+                                                                                             tmp_path):
+    url, run, _ = service
+    browser = Chromium(tmp_path / "profile", width=1400, height=1000)
     try:
         browser.open(url)
         browser.wait_for("document.body.dataset.ready === 'true'", timeout=60)
+        assert browser.evaluate("[innerWidth, innerHeight]") == [1400, 1000]
+        browser.wait_for("[...document.querySelectorAll('#figures img')].every(i => i.complete && i.naturalWidth > 100)")
+        # at 1400 x 1000: two columns side by side, the results, map and pictures in view without scrolling
+        left, right = browser.evaluate("[...document.querySelectorAll('main > .column')].map(c => {"
+                                       "const r = c.getBoundingClientRect(); return [r.left, r.right, r.top]; })")
+        assert left[1] <= right[0] and right[0] > 600 and abs(left[2] - right[2]) < 1, (left, right)
+        for selector in ("#results table", "#map-box", "#figures img"):
+            top, bottom = browser.evaluate(f"(r => [r.top, r.bottom])(document.querySelector('{selector}')"
+                                           ".getBoundingClientRect())")
+            assert 0 < top < 1000 and bottom > top, (selector, top, bottom)
+        assert browser.evaluate("document.documentElement.scrollWidth") <= 1400  # nothing sticks out sideways
+        assert browser.evaluate("[...document.querySelectorAll('#grid .result-row')]"
+                                ".every(r => r.getBoundingClientRect().right <= r.parentNode.getBoundingClientRect().right + 1)")
+
         overview = requests.get(url + "api/run", timeout=30).json()
         rows = browser.evaluate("[...document.querySelectorAll('#grid .result-row')].map(r => r.dataset.query)")
         assert rows == overview["queries"]
+        assert {row.split("/")[1] for row in rows} == set(overview["classes"])  # every class has a query row
         # every neighbour of the grid is marked by the API's own labels: wrong = another class than the query's
         first = answered(post(url, k=8, id=rows[0]))
         shown = browser.evaluate("[...document.querySelectorAll('#grid .result-row')[0].querySelectorAll("
                                  "'.neighbour img')].map(i => [i.dataset.id, i.parentNode.classList.contains('wrong')])")
         assert shown == [[i, label != rows[0].split("/")[1]] for i, label, _ in first]
         assert browser.evaluate("document.querySelectorAll('#results tbody tr').length") == 3
-        assert browser.evaluate("[...document.querySelectorAll('#figures img')].every(i => i.naturalWidth > 100)")
+
+        # the map: every point of RUN/eval/map.json drawn; hovering one shows its image, clicking searches from it
+        served_map = requests.get(url + "api/map", timeout=30).json()
+        assert served_map == json.loads((run / "eval" / "map.json").read_text())
+        assert browser.wait_for("document.getElementById('map-box').dataset.points") == str(len(served_map["id"])) == "20"
+        spots = browser.evaluate("embeddingMap.data.id.map(id => mapPoint(id))")
+        spacing = [min(math.dist((a["x"], a["y"]), (b["x"], b["y"])) for j, b in enumerate(spots) if j != i)
+                   for i, a in enumerate(spots)]
+        point = spacing.index(max(spacing))  # the point farthest from its neighbours: no other one is nearer
+        point_id, spot = served_map["id"][point], spots[point]
+        browser.mouse("move", spot["x"] + 2, spot["y"] - 1)
+        tip = browser.wait_for(f"(t => !t.hidden && t.dataset.id === '{point_id}' && t.querySelector('img').naturalWidth"
+                               " && [t.querySelector('img').naturalWidth, t.textContent])(document.getElementById('map-tip'))")
+        label = served_map["classes"][served_map["label"][point]]
+        assert tip == [32, f"{label}, cluster {served_map['cluster'][point]}"]
+        browser.mouse("click", spot["x"] + 2, spot["y"] - 1)
+        browser.wait_for(f"document.getElementById('search-result').dataset.query === '{point_id}'")
+        found = browser.evaluate("[...document.querySelectorAll('#search-result .neighbour img')].map(i => i.dataset.id)")
+        assert found == [i for i, _, _ in answered(post(url, k=8, id=point_id))]
+        legend = "[...document.querySelectorAll('#map-legend .legend-entry')].map(e => e.textContent)"
+        assert browser.evaluate(legend) == [f"{name} ({served_map['label'].count(c)})"
+                                            for c, name in enumerate(served_map["classes"])]
+        browser.evaluate("(s => { s.value = 'cluster'; s.dispatchEvent(new Event('change')); })"
+                         "(document.getElementById('map-colour'))")
+        assert browser.evaluate(legend) == [f"cluster {c} ({served_map['cluster'].count(c)})"
+                                            for c in range(served_map["clusters"])]
 
         clicked = shown[2][0]  # a train image: search from it
         browser.evaluate(f"document.querySelector('#grid img[data-id=\"{clicked}\"]').click()")
@@ -264,7 +307,7 @@ def test_the_page_in_headless_chromium_searches_from_a_clicked_image_and_an_uplo
                                   ".map(l => l.textContent)")
         assert labels == ["cat"] * 8
         shot = browser.screenshot(tmp_path / "gallery.png")
-        assert Image.open(shot).size[0] >= 1000
+        assert Image.open(shot).size == (1400, 1000)
         if os.environ.get("GALLERY_SCREENSHOT"):
             shutil.copy(shot, os.environ["GALLERY_SCREENSHOT"])
     finally:

@@ -84,6 +84,14 @@ def test_grid_query_rows_take_the_classes_in_turn():
     assert sorted(grid_query_rows(labels, 50).tolist()) == list(range(6))
 
 
+def test_the_default_retrieval_grid_shows_every_class_of_cifar10():
+    from lib.evaluation import EvaluateConfig
+
+    labels = np.repeat(np.arange(10), 50)
+    rows = grid_query_rows(labels, EvaluateConfig(data_dir="DATA", run_dir="RUN").grid_queries, seed=0)
+    assert sorted(labels[rows].tolist()) == list(range(10))
+
+
 def test_embeddings_csv_layout(tmp_path):
     path = write_embeddings_csv(tmp_path / "e.csv", [
         ("a", np.array(["x", "y"]), np.array([0, 1]), np.array([[0.5, -0.25], [1.0, 0.0]], np.float32)),
