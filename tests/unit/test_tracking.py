@@ -104,3 +104,20 @@ def test_only_lib_tracking_imports_mlflow_and_only_inside_functions():
                 if path.relative_to(REPO) != Path("lib/tracking.py") or id(node) not in inside:
                     offenders.append(where)
     assert offenders == [] and found >= 3  # the client, the entities and the exceptions, in lib.tracking
+
+
+def test_train_tune_evaluate_and_the_pipeline_take_one_and_the_same_mlflow_flag():
+    from lib.config import parse_config
+    from lib.evaluation import EvaluateConfig
+    from lib.pipeline import PipelineConfig
+    from lib.training import TrainConfig
+    from tuning.run import TuneJobConfig
+
+    uri = "http://127.0.0.1:5000"
+    pipeline = parse_config(PipelineConfig, ["--source", "imagefolder:/i", "--run-dir", "/r", "--mlflow", uri])
+    assert pipeline.train_config().mlflow == uri  # each backbone's training is tracked to the pipeline's server
+    tune = parse_config(TuneJobConfig, ["--data-dir", "/d", "--run-dir", "/r", "--mlflow", uri])
+    assert tune.mlflow == uri and tune.train_config().mlflow == uri
+    evaluate = parse_config(EvaluateConfig, ["--data-dir", "/d", "--run-dir", "/r", "--mlflow", uri])
+    assert evaluate.mlflow == uri
+    assert parse_config(TrainConfig, ["--data-dir", "/d", "--run-dir", "/r"]).mlflow == ""  # off by default
