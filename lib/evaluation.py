@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lib.config import check_ranges, option
+from lib.config import check_ranges, fields_from, option
 from lib.console import detail, log
 from lib.data.reader import SPLITS, PreparedData
 from lib.devices import USE_GPU_HELP, UseGpu
@@ -29,6 +29,7 @@ from lib.parquet import write_parquet
 from lib.paths import RunPaths
 from lib.precision import PRECISION_HELP, Precision
 from lib.report import STACKED, grid_query_rows, model_entry, seeded_subset, tsne_map_document, write_tsne_map
+from lib.training import TrainConfig
 
 OUTPUTS = ("results.md", "tsne.png", "clusters.png", "map.json", "retrieval_grid.png", "embeddings.csv", "index.faiss",
            "index_rows.parquet", "index.json", "near_duplicates.parquet", "near_duplicates.png")
@@ -52,6 +53,7 @@ class Splits:
 
 
 @dataclass(frozen=True)
+@fields_from(TrainConfig, ("mlflow",), heading="experiment tracking (as jobs.train's)")
 class EvaluateConfig:
     """Embed every split with each model on Ray Data; score retrieval, probes, clusters and stacking."""
 

@@ -33,6 +33,7 @@ from lib.losses import (
     pairwise_spread,
 )
 from lib.precision import PRECISION_HELP, Precision, forward
+from lib.tracking import MLFLOW_HELP
 
 Preset = Literal["smoke", "quick", "full"]
 AugmentOn = Literal["device", "data"]
@@ -104,6 +105,7 @@ class TrainConfig:
     seed: int = option(0, help="seed for subsets and initialisation")
     inject_failure: str = option("", help="testing aid, BACKBONE:EPOCH: a worker of that backbone raises once "
                                           "at that epoch")
+    mlflow: str = option("", help=MLFLOW_HELP)
 
     def __post_init__(self) -> None:
         check_backbones(self.backbones)

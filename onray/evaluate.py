@@ -36,6 +36,7 @@ from lib.report import (
     results_markdown,
     write_embeddings_csv,
 )
+from lib.tracking import Tracker
 from onray.embed import ensure_embeddings
 from onray.runtime import check_cluster_paths, check_shared_storage, init_ray
 
@@ -49,9 +50,14 @@ def evaluate_run(cfg: EvaluateConfig) -> tuple[Path, str]:
     sources = model_sources(cfg.run_dir, cfg.backbones, cfg.include_untrained, cfg.weights, cfg.embedding_dim,
                             cfg.image_size, cfg.seed, cfg.precision)
     fingerprint = data.fingerprint()
-    config = {**to_dict(cfg), "sources": {s.name: s.identity(fingerprint) for s in sources}}
+    # where it is tracked is not part of what an evaluation computes: a rerun with or without --mlflow is the same one
+    config = {**{k: v for k, v in to_dict(cfg).items() if k != "mlflow"},
+              "sources": {s.name: s.identity(fingerprint) for s in sources}}
+    tracker = Tracker.connect(cfg.mlflow, cfg.run_dir)  # None without --mlflow; a dead server is one line here
     if finished(run.eval, config):
         log(f"nothing to do: {run.eval} already holds this evaluation")
+        if tracker:
+            tracker.log_evaluation()  # one missed while the server was down is logged now
         return run.eval, (run.eval / "results.md").read_text()
     check_loadable([s for s in sources if not up_to_date(cfg.run_dir, s.name, s.identity(fingerprint))])
     out = ensure_writable_dir(run.eval)
@@ -92,4 +98,6 @@ def evaluate_run(cfg: EvaluateConfig) -> tuple[Path, str]:
     table = results_markdown(metrics, notes)
     write_text(out / "results.md", table)
     write_json(out / "metrics.json", metrics)  # last: marks the evaluation complete
+    if tracker:
+        tracker.log_evaluation()
     return out, table

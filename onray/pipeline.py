@@ -58,7 +58,8 @@ def train_stage(cfg: PipelineConfig, best: dict[str, str]) -> None:
 def evaluate_stage(cfg: PipelineConfig) -> Path:
     out, table = evaluate_run(EvaluateConfig(
         data_dir=str(RunPaths.of(cfg.run_dir).data), run_dir=cfg.run_dir, backbones=cfg.backbones,
-        include_untrained=cfg.include_untrained, use_gpu=cfg.use_gpu, precision=cfg.precision, seed=cfg.seed))
+        include_untrained=cfg.include_untrained, use_gpu=cfg.use_gpu, precision=cfg.precision, seed=cfg.seed,
+        mlflow=cfg.mlflow))
     print(table, end="")
     return out
 

@@ -34,6 +34,7 @@ from lib.errors import UserError, disk_error, failure_reason
 from lib.io import atomic_copy, atomic_open, ensure_writable_dir, write_json
 from lib.paths import RunPaths
 from lib.planning import TrainPlan, plan_training
+from lib.tracking import Tracker
 from lib.training import METRIC, TrainConfig, WorkerContext, best_epoch
 from onray.data import augmented_dataset, default_num_blocks
 from onray.plan import (
@@ -48,7 +49,7 @@ from onray.runtime import check_cluster_paths, check_shared_storage, init_ray, o
 from onray.train_loop import train_loop_per_worker
 
 # Settings that do not change what a training run computes: a rerun that differs only in them is the same run.
-NOT_RESULT_KEYS = ("max_failures", "inject_failure", "storage", "gpus_per_worker")
+NOT_RESULT_KEYS = ("max_failures", "inject_failure", "storage", "gpus_per_worker", "mlflow")
 # How often the driver moves the per-backbone progress bars while it waits for the trainers.
 BAR_POLL_S = 1.0
 
@@ -280,6 +281,7 @@ def train_backbones(given: TrainConfig) -> list[TrainConfig]:
     data = PreparedData.open(cfg.data_dir)
     check_weights(cfg)
     models = ensure_writable_dir(RunPaths.of(cfg.run_dir).models)
+    tracker = Tracker.connect(cfg.mlflow, cfg.run_dir)  # None without --mlflow; a dead server is one line here
     init_ray()
     check_shared_storage(models, data.root, cfg.storage)
     shape = plan(cfg)
@@ -328,6 +330,12 @@ def train_backbones(given: TrainConfig) -> list[TrainConfig]:
                 _collect(ready[0], backbone, failures)
     finally:
         bars.close()
+    if tracker:  # from the files just written, skipped (finished) backbones included: a rerun logs what was missed
+        for backbone in cfg.backbones:
+            if backbone in failures:
+                tracker.log_failed_training(backbone, to_dict(configs[backbone]), failures[backbone])
+            else:
+                tracker.log_training(backbone)
     if failures:
         raise BackboneFailed(failures)
     return list(configs.values())

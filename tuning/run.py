@@ -23,6 +23,7 @@ from lib.errors import UserError
 from lib.io import ensure_writable_dir, write_json
 from lib.paths import RunPaths, absolute
 from lib.pipeline import PipelineConfig
+from lib.tracking import Tracker
 from lib.training import METRIC, TrainConfig
 from tuning.record import RECORD_FILE, read_record
 from tuning.spaces import fixed_values, load_space, preset_space, sample_trials, searched_keys
@@ -31,7 +32,7 @@ from tuning.spaces import fixed_values, load_space, preset_space, sample_trials,
 # value, else the training preset's). Adding a training flag to jobs.tune = adding its name here.
 # A searched key (the space's margin, lr, loss, ...) wins over the value given here.
 TRAIN_SETTINGS = ("data_dir", "preset", "weights", "num_workers", "use_gpu", "precision", "augment_on", "image_size",
-                  "batch_size", "epochs", "loss", "loss_params", "train_per_class", "val_per_class")
+                  "batch_size", "epochs", "loss", "loss_params", "train_per_class", "val_per_class", "mlflow")
 # Of those, the ones that size the trials: the pipeline's tune stage leaves them to the tune preset.
 TRIAL_SIZES = ("epochs", "train_per_class", "val_per_class")
 
@@ -105,13 +106,16 @@ def tune_backbone(cfg: TuneJobConfig) -> Path:
                 "grace_period": cfg.grace_period or preset["grace_period"],
                 "reduction_factor": cfg.reduction_factor or preset["reduction_factor"],
                 "space": {key: {dim.kind: list(dim.values)} for key, dim in space.items()}}
-    identity = {**settings, "train": {k: v for k, v in to_dict(base).items() if k != "max_failures"}}
+    identity = {**settings, "train": {k: v for k, v in to_dict(base).items() if k not in ("max_failures", "mlflow")}}
     _check_same_tune(out, identity)
     trials = settings["num_samples"] * math.prod(len(d.values) for d in space.values() if d.kind == "grid")
     planned = sample_trials(space, settings["num_samples"], base.seed) if cfg.search == "random" else None
     finished = read_record(out / RECORD_FILE, planned)  # a foreign record stops the job here, before Ray
+    tracker = Tracker.connect(cfg.mlflow, cfg.run_dir)  # None without --mlflow; a dead server is one line here
     if (out / "best.json").is_file():
         log(f"{cfg.backbone}: already tuned with these settings; best hyper-parameters in {out / 'best.json'}")
+        if tracker:
+            tracker.log_tune(cfg.backbone)  # one missed while the server was down is logged now
         return out / "best.json"
     check_weights(base)
     init_ray()
@@ -148,6 +152,8 @@ def tune_backbone(cfg: TuneJobConfig) -> Path:
     log(f"{cfg.backbone}: best {METRIC} {best[METRIC]:.4f} with "
         f"{', '.join(f'{k} {best[k]:.4g}' if isinstance(best[k], float) else f'{k} {best[k]}' for k in searched_keys(space))}"
         f" -> {out / 'best.json'} (jobs.train --hparams)")
+    if tracker:
+        tracker.log_tune(cfg.backbone)
     return out / "best.json"
 
 

@@ -71,6 +71,32 @@ def test_smoke_tune_writes_the_trial_table_the_picture_and_best_json(tuned):
     assert len(list((out / "train").iterdir())) == 3  # each trial's Ray Train run and checkpoint
 
 
+def test_with_mlflow_the_tune_is_a_run_and_each_trial_a_child_run(tuned, mlflow_server, capsys):
+    """A rerun with --mlflow of a finished tune (nothing to train) logs what the first run wrote: the tune's run
+    with its report files, each trial of trials.json a child run with its hyper-parameters and val mAP@5 per epoch."""
+    from mlflow.tracking import MlflowClient
+
+    out = tuned["out"]
+    assert tune.cli([*tuned["args"], "--mlflow", mlflow_server["uri"]]) == 0
+    assert "logged resnet50's tune (3 trial(s) as child runs)" in capsys.readouterr().err
+    client = MlflowClient(mlflow_server["uri"])
+    experiment = client.get_experiment_by_name(out.parents[1].name).experiment_id
+    [parent] = client.search_runs([experiment], "tags.stage = 'tune'")
+    best = json.loads((out / "best.json").read_text())
+    assert parent.data.metrics["best.val_map_at_5"] == best[METRIC]
+    assert {"best.json", "trials.md", "tune.png", "trials.json"} <= {a.path for a in client.list_artifacts(
+        parent.info.run_id)}
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    record = {entry["trial_id"]: entry for entry in json.loads((out / "trials.json").read_text())["trials"]}
+    assert sorted(child.info.run_name for child in children) == sorted(record)
+    for child in children:
+        entry = record[child.info.run_name]
+        assert child.data.tags["trial_status"] == entry["status"]
+        assert child.data.params["embedding_dim"] == str(entry["config"]["embedding_dim"])
+        history = client.get_metric_history(child.info.run_id, "val_map_at_5")
+        assert sorted((m.step, m.value) for m in history) == [tuple(row) for row in entry["history"] if row[1] is not None]
+
+
 def test_asha_stops_a_clearly_worse_trial_after_its_grace_epoch(tuned):
     rows = table(tuned["out"])
     good = [row for row in rows if row["embedding_dim"] == "32"]
