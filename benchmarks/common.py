@@ -53,6 +53,8 @@ class BenchmarkConfig:
     serve_clients: int = option(8, help="concurrent HTTP clients of the serve suite's throughput loop")
     scale_sizes: tuple[int, ...] = option((100_000, 1_000_000, 5_000_000), help="gallery rows of the scale suite's "
                                                                                  "synthetic 128-d galleries")
+    scale_kinds: tuple[str, ...] = option(("exact", "ivf", "hnsw"), help="index kinds the scale suite measures "
+                                                                         "(the others are reported as not run)")
     scale_recall: float = option(0.95, help="recall@5 the scale suite tunes each approximate index to reach")
     scale_queries: int = option(300, help="one-query searches the scale suite times per index (p50, p99)")
     scale_build_budget_s: float = option(600.0, help="an HNSW build expected (from the previous size's) to take "
@@ -72,6 +74,8 @@ class BenchmarkConfig:
                                      "scale_queries", "scale_build_budget_s"))
         if not self.scale_sizes or min(self.scale_sizes) < 1000:
             raise UserError(f"--scale-sizes must be gallery sizes of at least 1000 rows, got {self.scale_sizes}")
+        if not self.scale_kinds or set(self.scale_kinds) - {"exact", "ivf", "hnsw"}:
+            raise UserError(f"--scale-kinds must be some of exact, ivf, hnsw, got {','.join(self.scale_kinds)}")
         if not 0.0 < self.scale_recall <= 1.0:
             raise UserError(f"--scale-recall must be in (0, 1], got {self.scale_recall}")
         if self.rounds < 1:

@@ -19,6 +19,7 @@ ms. An HNSW build whose time, extrapolated linearly from the previous size's mea
 from __future__ import annotations
 
 import gc
+import json
 import os
 import time
 from pathlib import Path
@@ -152,13 +153,14 @@ def measure_size(n: int, target: float, latency_queries: int, work: Path, skip: 
     for kind, latencies in one_query_latencies(indexes, report[:latency_queries]).items():
         result[kind]["p50_ms"] = significant(float(np.percentile(latencies, 50)), 3)
         result[kind]["p99_ms"] = significant(float(np.percentile(latencies, 99)), 3)
-    print(f"scale {n}: {summary({str(n): result})}", flush=True)
+    print(f"scale {n}: {json.dumps(result)}", flush=True)  # each size as it ends: a run cut short keeps them
     return result
 
 
 def measure(sizes: tuple[int, ...] = (100_000, 1_000_000, 5_000_000), target: float = 0.95,
-            latency_queries: int = 300, build_budget_s: float = 600.0, work: Path | None = None) -> dict:
-    """The suite over each of ``sizes`` (ascending); see the module docstring."""
+            latency_queries: int = 300, build_budget_s: float = 600.0, work: Path | None = None,
+            kinds: tuple[str, ...] = INDEX_KINDS) -> dict:
+    """The suite over each of ``sizes`` (ascending) and index ``kinds``; see the module docstring."""
     import tempfile
 
     from lib.retrieval.index import faiss
@@ -170,14 +172,13 @@ def measure(sizes: tuple[int, ...] = (100_000, 1_000_000, 5_000_000), target: fl
     with tempfile.TemporaryDirectory(prefix="scale-", dir=work) as folder:
         previous: dict | None = None
         for n in sorted(sizes):
-            skip = {}
+            skip = {kind: "not run: not in --scale-kinds" for kind in INDEX_KINDS if kind not in kinds}
             last = previous.get("hnsw", {}) if previous else {}
-            if "build_s" in last:
-                expected = last["build_s"] * n / previous["rows"]
-                if expected > build_budget_s:
+            if "hnsw" not in skip and "build_s" in last:
+                if last["build_s"] * n / previous["rows"] > build_budget_s:
                     skip["hnsw"] = (f"not run: the {previous['rows']:,}-row build took {last['build_s']:.0f} s; "
                                     f"{n:,} rows would take more than the {build_budget_s:.0f} s budget")
-            elif "not_run" in last:
+            elif "hnsw" not in skip and "not_run" in last:
                 skip["hnsw"] = f"not run: a smaller gallery's build was already over the {build_budget_s:.0f} s budget"
             results[str(n)] = previous = measure_size(n, target, latency_queries, Path(folder), skip)
             gc.collect()
@@ -199,7 +200,8 @@ def goals_met(results: dict) -> dict[str, bool | None]:
 
 
 def run(cfg: BenchmarkConfig, work: Path) -> dict:
-    return measure(cfg.scale_sizes, cfg.scale_recall, cfg.scale_queries, cfg.scale_build_budget_s, work)
+    return measure(cfg.scale_sizes, cfg.scale_recall, cfg.scale_queries, cfg.scale_build_budget_s, work,
+                   cfg.scale_kinds)
 
 
 def summary(r: dict) -> str:
