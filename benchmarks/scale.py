@@ -7,7 +7,7 @@ For each size and each kind (exact, ivf, hnsw), built exactly as ``jobs.evaluate
   ``efSearch`` reaching recall@5 >= ``--scale-recall`` on 500 tuning queries);
 - recall@5 against exact search on 1,000 other held-out queries of the same classes;
 - one-query latency: ``--scale-queries`` searches of one query each, p50 and p99 in ms (the page's case);
-- memory: the bytes of the saved file and the resident bytes the index adds to a process that loads it
+- memory: the bytes of the saved file and the resident bytes the index adds to a fresh process that reads it
   (``/proc/self/statm`` before and after ``faiss.read_index``, Linux only).
 
 Goals (issue 23): at 1M rows, some index answers one query in p50 <= 5 ms with recall@5 >= 0.95; at 5M, p50 <= 50
@@ -104,18 +104,44 @@ def build_and_save(kind: str, gallery: np.ndarray, tune: np.ndarray, exact_tune:
     return result
 
 
+# Run in a fresh interpreter: the growth of its resident memory while faiss reads the file. In the benchmark's own
+# process, memory freed by the previous index is reused and the growth reads anywhere from 0 to the full size.
+_RESIDENT_PROBE = """
+import os, sys
+from lib.retrieval.index import faiss
+def rss():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = rss()
+index = faiss.read_index(sys.argv[1])
+print(rss() - before)
+"""
+
+
+def resident_bytes_of(path: Path) -> int | None:
+    """The resident bytes a fresh process grows by when it reads the index at ``path`` (Linux), else None."""
+    import subprocess
+    import sys
+
+    if resident_bytes() is None:
+        return None
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", _RESIDENT_PROBE, str(path)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    return int(done.stdout.split()[-1]) if done.returncode == 0 and done.stdout.split() else None
+
+
 def load_saved(kind: str, parameters: dict, path: Path) -> tuple[object, int | None]:
-    """(the saved index, read back with its search parameter set; the resident bytes reading it added)."""
+    """(the saved index, read back with its search parameter set; the resident bytes reading it adds to a fresh
+    process)."""
     from lib.retrieval.index import faiss
 
-    gc.collect()
-    before = resident_bytes()
     index = faiss.read_index(str(path))
-    after = resident_bytes()
     for name in ("nprobe", "efSearch"):
         if name in parameters:
             set_search_parameter(index, kind, parameters[name])
-    return index, None if before is None or after is None else after - before
+    return index, resident_bytes_of(path)
 
 
 def measure_size(n: int, target: float, latency_queries: int, work: Path, skip: dict[str, str]) -> dict:
