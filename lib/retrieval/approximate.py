@@ -29,8 +29,10 @@ IndexKind = Literal["exact", "ivf", "hnsw"]
 IndexChoice = Literal["exact", "ivf", "hnsw", "auto"]
 INDEX_KINDS: tuple[str, ...] = ("exact", "ivf", "hnsw")
 # --index auto: exact search below this many gallery rows, AUTO_APPROXIMATE at and above. Measured with
-# jobs.benchmark --suites scale (docs/benchmarks.md): one exact query over 100k x 128-d rows took a median
-# 5.2 ms on this machine's two shared cores, about the 5 ms goal of one query, and grows linearly with rows.
+# jobs.benchmark --suites scale on the 2-core development machine (docs/benchmarks.md): one exact query took a median
+# 8.8 ms over 50k x 128-d rows, 17.6 ms over 100k and 155 ms over 1M (IVF at recall@5 0.97: 1.0, 1.5 and 34 ms).
+# Below 100k rows exact search leaves the page's 50 ms budget room for the network, and its neighbours are those the
+# metrics count; from there the exact search grows past it.
 AUTO_EXACT_BELOW = 100_000
 AUTO_APPROXIMATE: IndexKind = "ivf"
 INDEX_HELP = (f"the index jobs.search and jobs.serve use: exact, ivf (IVF-Flat), hnsw, or auto (exact below "
