@@ -12,6 +12,8 @@ One module per suite, each with ``run(cfg, work) -> dict`` and ``summary(result)
 - :mod:`benchmarks.embed`: the Ray Data actor pool (:mod:`onray.embed`) vs a plain inference loop.
 - :mod:`benchmarks.serve`: the run gallery's ``POST /search`` on Ray Serve (:mod:`onray.serve`): warm
   latency and throughput over HTTP from loopback, against the goals it names (no baseline of its own).
+- :mod:`benchmarks.scale`: the saved-index kinds (exact, IVF, HNSW) over 100k-5M-row synthetic galleries:
+  build time, one-query latency, recall@5 against exact search and memory.
 
 Both sides of every ratio are measured in the same run on the same machine and data, interleaved
 round by round (:func:`benchmarks.common.interleave`), and medians are reported, so a busy or drifting

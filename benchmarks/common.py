@@ -19,7 +19,7 @@ from lib.errors import UserError
 from lib.retrieval.index import l2_normalize
 
 # The suites' names, in the order --help lists them; jobs.benchmark maps each to its module.
-SUITE_NAMES = ("prepare", "inputs", "train", "retrieval", "tsne", "embed", "serve")
+SUITE_NAMES = ("prepare", "inputs", "train", "retrieval", "tsne", "embed", "serve", "scale")
 # <repo parent>/shared/datasets/cifar10 (this file is <repo>/benchmarks/common.py)
 DEFAULT_SOURCE = "imagefolder:" + os.environ.get(
     "CIFAR10_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10"))
@@ -51,6 +51,14 @@ class BenchmarkConfig:
                                      "untrained --backbone over a --serve-gallery rows index)")
     serve_gallery: int = option(50_000, help="rows of the serve suite's synthetic gallery index")
     serve_clients: int = option(8, help="concurrent HTTP clients of the serve suite's throughput loop")
+    scale_sizes: tuple[int, ...] = option((100_000, 1_000_000, 5_000_000), help="gallery rows of the scale suite's "
+                                                                                 "synthetic 128-d galleries")
+    scale_kinds: tuple[str, ...] = option(("exact", "ivf", "hnsw"), help="index kinds the scale suite measures "
+                                                                         "(the others are reported as not run)")
+    scale_recall: float = option(0.95, help="recall@5 the scale suite tunes each approximate index to reach")
+    scale_queries: int = option(300, help="one-query searches the scale suite times per index (p50, p99)")
+    scale_build_budget_s: float = option(600.0, help="an HNSW build expected (from the previous size's) to take "
+                                                     "longer than this is not run, and reported so")
     output: str = option("", help="also write the results as JSON to this file")
 
     def __post_init__(self) -> None:
@@ -62,7 +70,14 @@ class BenchmarkConfig:
             raise UserError(f"--epochs must be at least 2 (the first is a warm-up), got {self.epochs}")
         if self.embed_actors < 0:
             raise UserError(f"--embed-actors must be 0 (automatic) or more, got {self.embed_actors}")
-        check_ranges(self, positive=("batch_size", "train_images", "image_size", "serve_gallery", "serve_clients"))
+        check_ranges(self, positive=("batch_size", "train_images", "image_size", "serve_gallery", "serve_clients",
+                                     "scale_queries", "scale_build_budget_s"))
+        if not self.scale_sizes or min(self.scale_sizes) < 1000:
+            raise UserError(f"--scale-sizes must be gallery sizes of at least 1000 rows, got {self.scale_sizes}")
+        if not self.scale_kinds or set(self.scale_kinds) - {"exact", "ivf", "hnsw"}:
+            raise UserError(f"--scale-kinds must be some of exact, ivf, hnsw, got {','.join(self.scale_kinds)}")
+        if not 0.0 < self.scale_recall <= 1.0:
+            raise UserError(f"--scale-recall must be in (0, 1], got {self.scale_recall}")
         if self.rounds < 1:
             raise UserError(f"--rounds must be at least 1, got {self.rounds}")
         check_backbones(self.embed_backbones)

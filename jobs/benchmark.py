@@ -1,6 +1,6 @@
 """Benchmarks: the project's Ray paths against plain single-process / plain PyTorch baselines.
 
-    python -m jobs.benchmark --suites prepare,inputs,train,retrieval,tsne,embed,serve [--source imagefolder:PATH] [--work-dir DIR]
+    python -m jobs.benchmark --suites prepare,inputs,train,retrieval,tsne,embed,serve,scale [--source imagefolder:PATH] [--work-dir DIR]
 
 Every ratio compares two measurements taken in this one run on this one machine, so a noisy
 machine moves both. Suites interleave baseline and candidate rounds and report medians.
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-from benchmarks import embed, inputs, prepare, retrieval, serve, train, tsne
+from benchmarks import embed, inputs, prepare, retrieval, scale, serve, train, tsne
 from benchmarks.common import BenchmarkConfig
 from jobs.cli import command_line, run_job
 from lib.devices import available_cpus
@@ -25,7 +25,7 @@ from lib.io import ensure_writable_dir, write_json
 # name -> module with ``run(cfg, work) -> dict`` and ``summary(result) -> str`` (names: benchmarks.common.SUITE_NAMES)
 SUITES: dict[str, ModuleType] = {
     "prepare": prepare, "inputs": inputs, "train": train, "retrieval": retrieval, "tsne": tsne, "embed": embed,
-    "serve": serve}
+    "serve": serve, "scale": scale}
 
 
 def main(cfg: BenchmarkConfig) -> dict:

@@ -4,7 +4,8 @@ over embeddings already in the store (:mod:`lib.embedding`). The Ray side is :mo
 Outputs in ``RUN/eval/``: ``results.md``, ``tsne.png``, ``clusters.png``, ``map.json`` (the same map as data, for
 the page), ``retrieval_grid.png``,
 ``loss_curve_<backbone>.png``, ``embeddings.csv`` (test rows), ``index.faiss`` + ``index_rows.parquet`` +
-``index.json`` (the best single network's train gallery, for jobs.search) and, last, ``metrics.json``
+``index.json`` (the best single network's train gallery, for jobs.search and jobs.serve; exact or approximate
+by ``--index``) and, last, ``metrics.json``
 (lib.report layout).
 """
 
@@ -29,6 +30,7 @@ from lib.parquet import write_parquet
 from lib.paths import RunPaths
 from lib.precision import PRECISION_HELP, Precision
 from lib.report import STACKED, grid_query_rows, model_entry, seeded_subset, tsne_map_document, write_tsne_map
+from lib.retrieval.approximate import INDEX_HELP, IndexChoice
 from lib.training import TrainConfig
 
 OUTPUTS = ("results.md", "tsne.png", "clusters.png", "map.json", "retrieval_grid.png", "embeddings.csv", "index.faiss",
@@ -78,6 +80,10 @@ class EvaluateConfig:
     csv_rows: int = option(2000, help="test rows per model in embeddings.csv (a seeded subset; 0 = all)")
     stack_projection: Literal["lda", "pca"] = option("lda", help="stacked embedding's projection (fit on train+val)")
     seed: int = option(0, help="seed of untrained networks, subsets, K-Means and t-SNE")
+    index: IndexChoice = option("auto", help=INDEX_HELP)
+    index_recall: float = option(0.95, help="recall@5 an ivf or hnsw index is tuned to reach on the val queries "
+                                            "(its nprobe or efSearch); its recall on the test queries is recorded "
+                                            "in RUN/eval/index.json")
     near_duplicate_threshold: float = option(0.95, help="a test image whose nearest train image has at least this "
                                                         "pixel-signature cosine similarity is a near-duplicate "
                                                         "(lib.duplicates); protocol G is also scored without them")
@@ -85,6 +91,8 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         from lib.backbones import check_backbones
 
+        if not 0.0 < self.index_recall <= 1.0:
+            raise UserError(f"--index-recall must be in (0, 1], got {self.index_recall}")
         if not 0.0 < self.near_duplicate_threshold <= 1.0:
             raise UserError(f"--near-duplicate-threshold must be in (0, 1], got {self.near_duplicate_threshold}")
 
@@ -240,26 +248,42 @@ def write_figures(cfg: EvaluateConfig, data: PreparedData, out: Path, splits: Sp
     save_figure(figure, out / "retrieval_grid.png")
 
 
-def save_index(cfg: EvaluateConfig, data: PreparedData, out: Path, train: SplitEmbeddings, name: str) -> None:
-    """``index.faiss``: an exact inner-product index of ``name``'s train embeddings; rows in ``index_rows.parquet``."""
+def save_index(cfg: EvaluateConfig, data: PreparedData, out: Path, splits: Splits, name: str) -> None:
+    """``index.faiss``: an index of kind ``cfg.index`` over ``name``'s train embeddings (rows in
+    ``index_rows.parquet``), and ``index.json``: what it is, its parameters, its recall@5 against exact search on
+    the test queries (an approximate index's search parameter tuned on the val queries), build time and size."""
     import pyarrow as pa
 
+    from lib.retrieval.approximate import build_tuned_index, resolve_index_kind
     from lib.retrieval.index import faiss, l2_normalize
 
-    ids, labels, vectors = train.ids, train.labels, train.vectors
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(l2_normalize(vectors))
+    ids, labels, vectors = splits.train.ids, splits.train.labels, l2_normalize(splits.train.vectors)
+    kind = resolve_index_kind(cfg.index, len(ids))
+    test = l2_normalize(splits.test.vectors)
+    tune = l2_normalize(splits.val.vectors) if len(splits.val.ids) else test
+    if kind != "exact":
+        log(f"{name}: building a {kind} index of {len(ids)} train rows, tuned to recall@5 >= {cfg.index_recall} "
+            f"on {len(tune)} {'val' if len(splits.val.ids) else 'test'} queries")
+    built = build_tuned_index(vectors, kind, tune, test, cfg.index_recall, seed=cfg.seed)
     with atomic_path(out / "index.faiss") as tmp:
-        faiss.write_index(index, str(tmp))
+        faiss.write_index(built.index, str(tmp))
+        size = tmp.stat().st_size
     rows = pa.table({"id": pa.array([str(i) for i in ids], pa.string()), "label": pa.array(labels, pa.int64())})
     with atomic_path(out / "index_rows.parquet") as tmp:
         write_parquet(rows, tmp)  # row i of the table = row i of the index
+    recall_queries = ("exact search" if kind == "exact" else
+                      f"{len(test)} test queries; parameter tuned on {len(tune)} "
+                      f"{'val' if len(splits.val.ids) else 'test'} queries to {cfg.index_recall}")
     write_json(out / "index.json", {"model": name, "rows": len(ids), "dim": int(vectors.shape[1]),
                                     "similarity": "inner product of L2-normalised embeddings (cosine)",
                                     "split": "train", "data_dir": str(data.root), "classes": data.classes,
                                     "image_shape": list(data.image_shape),
-                                    "source": read_json(RunPaths.of(cfg.run_dir).embeddings(name) / "source.json")})
-    log(f"saved the {name} train-gallery index ({len(ids)} rows) -> {out / 'index.faiss'}")
+                                    "source": read_json(RunPaths.of(cfg.run_dir).embeddings(name) / "source.json"),
+                                    "type": kind, "chosen_by": cfg.index, "parameters": built.parameters,
+                                    "recall@5": round(built.recall, 4), "recall_queries": recall_queries,
+                                    "tuning": built.tried, "build_s": round(built.build_s, 3), "bytes": size})
+    log(f"saved the {name} train-gallery {kind} index ({len(ids)} rows, recall@5 {built.recall:.3f}) -> "
+        f"{out / 'index.faiss'}")
 
 
 def export_blocks(embeddings: dict[str, Splits], limit: int, seed: int) -> Iterator[tuple]:

@@ -3,12 +3,12 @@
 Image files are decoded like ``jobs.prepare`` decodes them (RGB, cover-cropped to the stored image
 shape), then resized to the model's input size and normalised as in training. Test ids take their
 stored embeddings. The default model is the one whose train gallery ``jobs.evaluate`` saved
-(``RUN/eval/index.faiss``); another evaluated model's gallery is built from its train embeddings.
+(``RUN/eval/index.faiss``, of the kind ``RUN/eval/index.json`` names: exact, ivf or hnsw); another evaluated
+model's gallery is an exact index built from its train embeddings.
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,12 +24,14 @@ from lib.paths import RunPaths
 
 @dataclass
 class Gallery:
-    """A model's train gallery: a faiss inner-product ``index`` and its rows' ``ids`` and ``labels``."""
+    """A model's train gallery: a faiss inner-product ``index`` of ``kind`` (exact, ivf, hnsw: see
+    :mod:`lib.retrieval.approximate`) and its rows' ``ids`` and ``labels``."""
 
     model: str
     index: Any
     ids: np.ndarray
     labels: np.ndarray
+    kind: str = "exact"
 
 
 def saved_index_info(run: RunPaths) -> dict[str, Any]:
@@ -57,45 +59,45 @@ def check_index_info(info: Any, path: Path) -> dict[str, Any]:
         raise _not_saved_by_evaluate(path, "classes must be a non-empty list of names")
     if len(info["image_shape"]) != 3 or not all(type(n) is int and n > 0 for n in info["image_shape"]):
         raise _not_saved_by_evaluate(path, "image_shape must be [height, width, channels]")
-    return info
+    return {**info, **check_index_kind(info, path)}
 
 
-# faiss's file of an IndexFlatIP: "IxFI", d (int32), ntotal (int64), two unused int64, is_trained (1 byte),
-# metric (int32), then the vectors as a count of floats (uint64) and ntotal * d float32. The header is read here before
-# faiss parses the file: faiss's reader trusts the lengths it reads, and a damaged file can crash the process.
-FLAT_IP_MAGIC = b"IxFI"
-FLAT_IP_HEADER = struct.Struct("<4siqqq?iQ")
+def check_index_kind(info: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``type`` and ``parameters`` of ``index.json``: the index kind and the parameters its search needs (an
+    ``index.json`` without ``type`` describes an exact index)."""
+    from lib.retrieval.approximate import INDEX_KINDS
+
+    kind = info.get("type", "exact")
+    if kind not in INDEX_KINDS:
+        raise _not_saved_by_evaluate(path, f"type {kind!r} is none of {', '.join(INDEX_KINDS)}")
+    parameters = info.get("parameters", {})
+    needed = {"ivf": ("nlist", "nprobe"), "hnsw": ("efSearch",)}.get(kind, ())
+    if not isinstance(parameters, dict) or not all(type(parameters.get(n)) is int and parameters[n] > 0
+                                                   for n in needed):
+        raise _not_saved_by_evaluate(path, f"an index of type {kind} needs positive integer parameters "
+                                           f"{', '.join(needed)}")
+    if kind == "ivf" and parameters["nprobe"] > parameters["nlist"]:
+        raise _not_saved_by_evaluate(path, "nprobe exceeds nlist")
+    return {"type": kind, "parameters": parameters}
 
 
-def read_saved_index(path: Path, rows: int, dim: int) -> Any:
-    """The saved faiss index, after checking it is an exact inner-product index of ``rows`` x ``dim``
-    finite vectors; anything else is a :class:`UserError` naming the file and what is wrong."""
-    from lib.retrieval.index import faiss
+def read_saved_index(path: Path, info: dict[str, Any]) -> Any:
+    """The saved faiss index, after checking that it is the kind ``index.json`` names (exact, ivf, hnsw) over
+    ``rows`` x ``dim`` finite vectors by inner product (:func:`lib.retrieval.index_file.check_index_file`), with
+    its search parameter (``nprobe``, ``efSearch``) set as recorded; anything else is a :class:`UserError` naming
+    the file and what is wrong."""
+    from lib.retrieval.approximate import SEARCH_PARAMETER, set_search_parameter
+    from lib.retrieval.index_file import IndexFileError, read_index_file
 
+    kind, parameters = info["type"], info["parameters"]
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            head = handle.read(FLAT_IP_HEADER.size)
-    except OSError as err:
-        raise _not_saved_by_evaluate(path, f"unreadable: {err.strerror}") from None
-    if len(head) < FLAT_IP_HEADER.size or head[:4] != FLAT_IP_MAGIC:
-        raise _not_saved_by_evaluate(path, "not a faiss exact inner-product index")
-    _, file_dim, file_rows, _, _, _, metric, floats = FLAT_IP_HEADER.unpack(head)
-    if metric != faiss.METRIC_INNER_PRODUCT:
-        raise _not_saved_by_evaluate(path, "not an inner-product index")
-    if (file_rows, file_dim) != (rows, dim):
-        raise _not_saved_by_evaluate(path, f"{file_rows} vectors of {file_dim} dimensions, index.json and "
-                                           f"index_rows.parquet say {rows} of {dim}")
-    if floats != rows * dim or size != FLAT_IP_HEADER.size + 4 * floats:
-        raise _not_saved_by_evaluate(path, f"{size} bytes, not the {FLAT_IP_HEADER.size + rows * dim * 4} "
-                                           f"of {rows} x {dim} vectors (truncated or padded)")
-    try:
-        index = faiss.read_index(str(path))
-    except RuntimeError as err:
-        raise _not_saved_by_evaluate(path, str(err).strip().splitlines()[-1][:200]) from None
-    vectors = faiss.rev_swig_ptr(faiss.downcast_index(index).get_xb(), rows * dim)
-    if not np.isfinite(vectors).all():
-        raise _not_saved_by_evaluate(path, "some vectors are not finite")
+        index = read_index_file(path, kind, info["rows"], info["dim"], parameters.get("nlist"))
+    except IndexFileError as err:
+        raise _not_saved_by_evaluate(path, str(err)) from None
+    if kind in SEARCH_PARAMETER:
+        set_search_parameter(index, kind, parameters[SEARCH_PARAMETER[kind]])
+    if kind == "ivf":
+        index.make_direct_map()  # reconstruct(row): a train id's query vector (Searcher.stored_queries)
     return index
 
 
@@ -139,7 +141,8 @@ def model_dim(run: RunPaths, model: str) -> int:
 
 
 def load_gallery(run: RunPaths, info: dict[str, Any], model: str) -> Gallery:
-    """``model``'s train gallery: the saved index, or one built from the model's stored train embeddings.
+    """``model``'s train gallery: the saved index (of the kind ``index.json`` names), or an exact one built from
+    another model's stored train embeddings.
 
     The saved index is checked against ``index.json``, its rows file and the model before it is used: its
     kind, count and dimension, and every row's label (:func:`read_saved_index`, :func:`read_index_rows`).
@@ -152,8 +155,8 @@ def load_gallery(run: RunPaths, info: dict[str, Any], model: str) -> Gallery:
         if dim != info["dim"]:
             raise _not_saved_by_evaluate(run.eval / "index.json", f"{info['dim']} dimensions, the {model} "
                                                                   f"model's embeddings have {dim}")
-        index = read_saved_index(run.eval / "index.faiss", info["rows"], info["dim"])
-        return Gallery(model, index, ids, labels)
+        index = read_saved_index(run.eval / "index.faiss", info)
+        return Gallery(model, index, ids, labels, info["type"])
     if not (run.embeddings(model) / "train.parquet").is_file():
         known = sorted(p.parent.name for p in run.embeddings_root.glob("*/train.parquet"))
         raise UserError(f"unknown model {model!r} in {run.embeddings_root} (choose from {', '.join(known)})")
@@ -298,8 +301,9 @@ class Searcher:
 
     def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities (Q, k), gallery rows (Q, k)) of the ``k`` nearest gallery images of each query."""
+        from lib.retrieval.approximate import search_full
         from lib.retrieval.index import l2_normalize
 
         if k > self.gallery.index.ntotal:
             raise UserError(f"--k {k} exceeds the gallery's {self.gallery.index.ntotal} images")
-        return self.gallery.index.search(l2_normalize(queries), k)
+        return search_full(self.gallery.index, self.gallery.kind, l2_normalize(queries), k)

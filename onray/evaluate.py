@@ -84,7 +84,7 @@ def evaluate_run(cfg: EvaluateConfig) -> tuple[Path, str]:
     best = best_model(models)
     best_single = best_model(models, [name for name in models if name != STACKED])
     write_figures(cfg, data, out, embeddings[best], best, cluster_ids[best], clusters[best])
-    save_index(cfg, data, out, embeddings[best_single].train, best_single)
+    save_index(cfg, data, out, embeddings[best_single], best_single)
     write_embeddings_csv(out / "embeddings.csv", export_blocks(embeddings, cfg.csv_rows, cfg.seed))
     for source in sources:
         curve = run.model(source.backbone) / "loss_curve.png"

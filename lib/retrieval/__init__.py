@@ -8,6 +8,9 @@ hand-computed tables, without faiss or a search:
   exact), on the GPU when faiss has GPU support and a GPU is visible.
 - :mod:`lib.retrieval.metrics` (metrics): pure numpy functions over a *neighbour label table*,
   each docstring pinning its formula.
+- :mod:`lib.retrieval.approximate`: the saved gallery index of ``jobs.search``/``jobs.serve`` (exact, IVF-Flat or
+  HNSW, tuned to a recall against exact search), never used by the metrics; :mod:`lib.retrieval.index_file`
+  checks such a file's layout before faiss reads it.
 - :mod:`lib.retrieval.protocols` joins the two: ``evaluate_protocols`` runs protocols L (test
   against test, leave-one-out) and G (test against train) and returns every number;
   ``linear_probe`` is the logistic-regression accuracy on embeddings.

@@ -2,13 +2,20 @@
 
 import contextlib
 import io
+import json
+import shutil
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from jobs import search
+from lib.embedding import read_embeddings
+from lib.paths import RunPaths
+from lib.retrieval.index import knn, l2_normalize
+from lib.search import Searcher
 from tests.conftest import image_array
-from tests.integration.test_evaluate import evaluated_run
+from tests.integration.test_evaluate import BACKBONES, evaluated_run, run_evaluate
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -83,3 +90,27 @@ def test_stdin_answers_query_after_query_with_the_model_kept_loaded(evaluated, t
         "error: unknown test id 'test/dog/9999.png' (ids look like 'test/cat/0000.png'; see embeddings.csv)"]
     assert len([line for line in printed if line.startswith("  ")]) == 3 * 2
     assert err.getvalue().count("answered ") == 3  # each with its time in ms
+
+
+def test_an_hnsw_index_chosen_with_index_answers_every_test_query_like_exact_search(evaluated, tmp_path):
+    data, run, _ = evaluated
+    shutil.copytree(run, tmp_path / "run")  # the embeddings are reused: only the scoring and the index are redone
+    run = tmp_path / "run"
+    code, errors, log = run_evaluate("--data-dir", str(data), "--run-dir", str(run), "--backbones", BACKBONES,
+                                     "--weights", "none", "--tsne-points", "20", "--grid-queries", "4",
+                                     "--grid-k", "5", "--index", "hnsw")
+    assert code == 0 and errors == [], log
+    info = json.loads((run / "eval" / "index.json").read_text())
+    assert (info["type"], info["chosen_by"], info["parameters"]["M"]) == ("hnsw", "hnsw", 32)
+    assert info["bytes"] == (run / "eval" / "index.faiss").stat().st_size and info["build_s"] > 0
+    assert info["recall@5"] == 1.0 and "test queries" in info["recall_queries"]  # a tiny gallery: the graph is exact
+    assert Searcher(RunPaths.of(run)).gallery.kind == "hnsw"
+
+    model = info["model"]
+    train, test = read_embeddings(run, model, "train"), read_embeddings(run, model, "test")
+    _, exact = knn(l2_normalize(test.vectors), l2_normalize(train.vectors), 5, use_gpu=False)
+    code, out, errors = run_search("--run-dir", str(run), "--test-ids", ",".join(map(str, test.ids)), "--k", "5",
+                                   "--out", str(tmp_path / "grid.png"))
+    assert code == 0 and errors == []
+    printed = [line.split()[1] for line in out.splitlines() if line.startswith("  ")]
+    assert printed == [str(train.ids[row]) for row in np.ravel(exact)]

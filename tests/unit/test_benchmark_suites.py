@@ -75,3 +75,26 @@ def test_neighbour_preservation_of_a_map_that_keeps_every_neighbour():
     assert tsne.neighbour_preservation(points, points * 3.0) == 1.0
     shuffled = points[np.random.default_rng(1).permutation(60)]
     assert tsne.neighbour_preservation(points, shuffled) < 0.5
+
+
+def test_the_scale_suite_on_two_tiny_galleries_skips_an_hnsw_build_over_its_budget(tmp_path):
+    from benchmarks import scale
+
+    result = scale.measure(sizes=(1000, 1500), latency_queries=10, build_budget_s=1e-3, work=tmp_path)
+    small, large = result["1000"], result["1500"]
+    assert small["exact"]["recall@5"] == 1.0 and small["exact"]["parameters"] == {}
+    for row in (small["exact"], small["ivf"], small["hnsw"], large["exact"], large["ivf"]):
+        assert positive(row["p50_ms"]) and row["p99_ms"] >= row["p50_ms"] and positive(row["file_bytes"])
+        assert 0 < row["recall@5"] <= 1
+    # each approximate index was tuned to the target on the tuning queries; the reported recall is on others
+    for row in (small["ivf"], small["hnsw"], large["ivf"]):
+        assert row["tuning"][-1]["recall@5"] >= 0.95 and row["recall@5"] > 0.85
+    assert small["ivf"]["parameters"]["nlist"] == 25 and large["ivf"]["parameters"]["nprobe"] <= 37
+    # a fresh process that reads the 1,000 x 128 exact index (512 kB of vectors) holds about that much more
+    assert 0.5 * small["exact"]["file_bytes"] <= small["exact"]["resident_bytes"] <= 4 * small["exact"]["file_bytes"]
+    assert set(large["hnsw"]) == {"not_run"}
+    assert large["hnsw"]["not_run"].startswith("not run: the 1,000-row build took ")
+    assert large["hnsw"]["not_run"].endswith(" s; 1,500 rows would take more than the 0 s budget")
+    assert result["goals_met"] == {"1000000": None, "5000000": None} and not list(tmp_path.iterdir())
+    line = scale.summary(result)
+    assert line.startswith("1,000 rows: exact p50 ") and line.endswith("hnsw not run")

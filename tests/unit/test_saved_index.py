@@ -162,3 +162,90 @@ def test_a_query_image_of_100_megapixels_is_refused_from_its_header_without_a_wa
     Image.new("RGB", (40, 30)).save(tmp_path / "small.png")
     check_image_pixels(str(tmp_path / "small.png"))
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def save_as(run, kind):
+    """Replace the run's saved index with one of ``kind`` (built as jobs.evaluate builds it), tuned to recall 1
+    on the gallery itself, and describe it in index.json."""
+    from lib.retrieval.approximate import build_tuned_index
+
+    vectors = l2_normalize(np.random.default_rng(0).normal(size=(ROWS, DIM)))
+    built = build_tuned_index(vectors, kind, vectors, vectors, target=1.0)
+    faiss.write_index(built.index, str(run.eval / "index.faiss"))
+    info = json.loads((run.eval / "index.json").read_text())
+    (run.eval / "index.json").write_text(json.dumps({**info, "type": kind, "parameters": built.parameters,
+                                                     "recall@5": built.recall}))
+    return vectors
+
+
+def hnsw_links_offset(path):
+    """Where the links of a saved HNSW index begin (lib.retrieval.index_file's layout)."""
+    data, at = path.read_bytes(), 4 + 33
+    for item in (8, 4, 4, 8):  # level probabilities, neighbours per level, levels, offsets
+        at += 8 + item * int(np.frombuffer(data, np.uint64, 1, at)[0])
+    return at + 8
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_jobs_search_answers_from_an_approximate_index_like_exact_search_where_its_recall_is_1(run, kind):
+    from lib.retrieval.approximate import search_full
+    from lib.search import load_gallery, saved_index_info
+
+    vectors = save_as(run, kind)
+    info = saved_index_info(run)
+    assert info["type"] == kind and info["recall@5"] == 1.0
+    gallery = load_gallery(run, info, "resnet50")
+    assert gallery.kind == kind and gallery.index.ntotal == ROWS
+    found = search_full(gallery.index, kind, vectors, 3)[1]
+    assert np.array_equal(found, knn_rows(vectors, 3))
+    assert np.allclose(gallery.index.reconstruct(2), vectors[2])  # a train id's query vector
+
+
+def knn_rows(vectors, k):
+    from lib.retrieval.index import knn
+
+    return knn(vectors, vectors, k, use_gpu=False)[1]
+
+
+def damage_approximate(run, kind, variant):
+    index, info_path = run.eval / "index.faiss", run.eval / "index.json"
+    data = index.read_bytes()
+    info = json.loads(info_path.read_text())
+    if variant == "truncated":
+        index.write_bytes(data[:-5])
+    elif variant == "padded":
+        index.write_bytes(data + b"\0" * 8)
+    elif variant == "random bytes after the tag":
+        index.write_bytes(data[:4] + np.random.default_rng(2).integers(0, 256, 400, dtype=np.uint8).tobytes())
+    elif variant == "index.json names the other kind":
+        other = {"ivf": ("hnsw", {"efSearch": 16}), "hnsw": ("ivf", {"nlist": 1, "nprobe": 1})}[kind]
+        info_path.write_text(json.dumps({**info, "type": other[0], "parameters": other[1]}))
+        return index
+    elif variant == "a row listed twice":  # ivf: the file ends with the last cell's row ids
+        index.write_bytes(data[:-8] + np.int64(0).tobytes())
+    elif variant == "a link outside the gallery":  # hnsw
+        at = hnsw_links_offset(index)
+        index.write_bytes(data[:at] + np.int32(ROWS + 5).tobytes() + data[at + 4:])
+    elif variant == "index.json without the search parameter":
+        info_path.write_text(json.dumps({**info, "parameters": {}}))
+        return info_path
+    else:
+        raise AssertionError(variant)
+    return index
+
+
+APPROXIMATE_DAMAGE = [(kind, variant) for kind in ("ivf", "hnsw")
+                      for variant in ("truncated", "padded", "random bytes after the tag",
+                                      "index.json names the other kind", "index.json without the search parameter")]
+APPROXIMATE_DAMAGE += [("ivf", "a row listed twice"), ("hnsw", "a link outside the gallery")]
+
+
+@pytest.mark.parametrize(("kind", "variant"), APPROXIMATE_DAMAGE)
+def test_a_damaged_approximate_index_stops_jobs_search_with_one_line_naming_the_file(run, kind, variant):
+    from jobs import search
+
+    save_as(run, kind)
+    named = damage_approximate(run, kind, variant)
+    code, out, errors = run_job(search.cli, "--run-dir", str(run.root), "--test-ids", "test/a")
+    assert code == 2 and out == "" and len(errors) == 1, (code, out, errors)
+    assert errors[0].startswith(f"jobs.search: error: {named} is not the index jobs.evaluate saved ("), errors
