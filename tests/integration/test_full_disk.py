@@ -19,8 +19,8 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-# densenet121 with the smoke preset's 32-d head: a checkpoint is ~84 MB (model.pt ~28 MB, AdamW's two moments in
-# train_state.pt ~56 MB). 150 MiB holds the first one and not the second, which is written beside it.
+# densenet121 with the smoke preset's 32-d head: a checkpoint is 84.7 MB (model.pt 28.5 MB, AdamW's two moments in
+# train_state.pt 56.2 MB). 150 MiB holds the first one and not the second, which is written beside it.
 SMALL_DISK_MB, ROOMY_DISK_MB = 150, 600
 
 IN_NAMESPACE = textwrap.dedent("""

@@ -220,6 +220,10 @@ def test_the_job_starts_its_own_ray_serves_and_stops_on_sigterm(service, tmp_pat
         job.send_signal(signal.SIGTERM)
         job.wait(timeout=60)
         assert job.returncode == 130 and "jobs.serve: interrupted" in log.read_text(), log.read_text()[-3000:]
+        # the terminal shows the job's own lines only (Ray's and Serve's INFO lines go to its log file)
+        stray = [line for line in log.read_text().splitlines() if line.strip() and not line.startswith("[")
+                 and not line.startswith("jobs.serve: ")]
+        assert not stray, stray
     finally:
         if job.poll() is None:
             job.kill()
