@@ -30,7 +30,7 @@ from lib.console import detail, log
 from lib.data.reader import PreparedData
 from lib.data.subsets import per_class_subset, write_subset
 from lib.devices import gpu_share
-from lib.errors import UserError, disk_error, failure_reason
+from lib.errors import UserError, WorkFailed, disk_error, failure_reason
 from lib.io import atomic_copy, atomic_open, ensure_writable_dir, write_json
 from lib.paths import RunPaths
 from lib.planning import TrainPlan, plan_training
@@ -75,7 +75,7 @@ class Subsets:
         return {"train": self.train, "val": self.val}[split]
 
 
-class BackboneFailed(Exception):
+class BackboneFailed(WorkFailed):
     """Some backbones' training failed (``failures``: backbone -> why); the others' results stand."""
 
     def __init__(self, failures: dict[str, str]):
