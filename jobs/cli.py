@@ -11,7 +11,14 @@ from typing import Any, TypeVar
 
 from lib import console as lib_console
 from lib.config import parse_config
-from lib.errors import EXIT_ENVIRONMENT, EXIT_USER_ERROR, EnvironmentProblem, UserError, disk_error
+from lib.errors import (
+    EXIT_ENVIRONMENT,
+    EXIT_USER_ERROR,
+    EnvironmentProblem,
+    UserError,
+    WorkFailed,
+    disk_error,
+)
 from lib.paths import RunPaths
 from onray.ray_lines import routine_ray_line
 
@@ -34,8 +41,8 @@ STAGES = {
 def run_job(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | None, prog: str,
             failures: tuple[type[Exception], ...] = (), console: bool = True) -> int:
     """Parse ``argv`` into ``config_cls`` and run ``main``: a :class:`UserError` becomes one line and exit 2,
-    an :class:`EnvironmentProblem` one line and exit 3, one of ``failures`` (the work ran but some of it
-    failed) one line and exit 1.
+    an :class:`EnvironmentProblem` one line and exit 3, a :class:`lib.errors.WorkFailed` or one of ``failures``
+    (the work ran but some of it failed) one line and exit 1.
 
     ``console``: when run from the command line (:func:`command_line`), route the terminal for a Ray job
     (:func:`lib.console.start`): Ray's own routine lines (:func:`onray.ray_lines.routine_ray_line`) go to the job's
@@ -55,7 +62,7 @@ def run_job(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] |
     except UserError as err:
         lib_console.error(f"{prog}: error: {err}")
         return EXIT_USER_ERROR
-    except failures as err:
+    except (WorkFailed, *failures) as err:
         lib_console.error(f"{prog}: {err}")
         return 1
     except EnvironmentProblem as err:

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from jobs.cli import command_line, run_job
 from lib.evaluation import OUTPUTS, EvaluateConfig
-from onray.evaluate import evaluate_run
 
 __all__ = ["OUTPUTS", "EvaluateConfig", "cli", "main"]
 
 
 def main(cfg: EvaluateConfig) -> Path:
+    from onray.evaluate import evaluate_run  # here: --help answers without importing Ray
+
     out, table = evaluate_run(cfg)
     print(table, end="")
     return out

@@ -17,20 +17,20 @@ from pathlib import Path
 
 from jobs.cli import command_line, run_job
 from lib.pipeline import PipelineConfig
-from onray.pipeline import run_pipeline
-from onray.trainer import BackboneFailed
-from tuning.run import TuneFailed, tune_pipeline_backbone
 
 __all__ = ["PipelineConfig", "cli", "main"]
 
 
 def main(cfg: PipelineConfig) -> Path:
     """Run every stage; returns ``RUN/eval``."""
+    from onray.pipeline import run_pipeline  # here: --help answers without importing Ray
+    from tuning.run import tune_pipeline_backbone
+
     return run_pipeline(cfg, tune_backbone=tune_pipeline_backbone)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_job(main, PipelineConfig, argv, prog="jobs.pipeline", failures=(BackboneFailed, TuneFailed))
+    return run_job(main, PipelineConfig, argv, prog="jobs.pipeline")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,11 @@ import sys
 from jobs.cli import command_line, run_job
 from lib.paths import RunPaths
 from lib.training import METRIC, TrainConfig
-from onray.trainer import BackboneFailed, train_backbones
 
 
 def main(cfg: TrainConfig) -> None:
+    from onray.trainer import BackboneFailed, train_backbones  # here: --help answers without importing Ray
+
     try:
         train_backbones(cfg)
     except BackboneFailed:
@@ -44,7 +45,7 @@ def print_table(cfg: TrainConfig) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_job(main, TrainConfig, argv, prog="jobs.train", failures=(BackboneFailed,))
+    return run_job(main, TrainConfig, argv, prog="jobs.train")
 
 
 if __name__ == "__main__":

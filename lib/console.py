@@ -86,8 +86,10 @@ def to_log_file(line: str) -> None:
     line = line.rstrip("\n")
     with _console.lock:
         if _console.log_file is not None:
-            _console.log_file.write(line + "\n")
-            _console.log_file.flush()
+            # a full disk loses the line from the log file, never the job (nor the thread that drains stderr)
+            with contextlib.suppress(OSError):
+                _console.log_file.write(line + "\n")
+                _console.log_file.flush()
         elif _console.active:
             _console.pending.append(line)
 

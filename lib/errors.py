@@ -5,6 +5,7 @@ Job entry points (``jobs.cli.run_job``) turn each into a single line on stderr, 
 - :class:`UserError`, exit code 2: bad input the user can fix (a path, a flag, a file). A full,
   over-quota or read-only disk is one too (:func:`disk_error` makes it).
 - :class:`EnvironmentProblem`, exit code 3: the machine or the cluster failed, not the input.
+- :class:`WorkFailed`, exit code 1: the work ran but part of it failed (a backbone, every trial of a tune).
 
 Programming errors propagate as ordinary exceptions. :func:`failure_reason` says in one line why
 a failure (a Ray error with its causes) happened.
@@ -34,6 +35,11 @@ class EnvironmentProblem(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class WorkFailed(Exception):
+    """The work ran but part of it failed (exit code 1); what did finish stands. ``str(err)`` is one line.
+    Defined here, without Ray, so that a job's entry point knows it before it imports the Ray side."""
 
 
 def disk_error(err: BaseException) -> UserError | None:

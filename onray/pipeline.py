@@ -73,7 +73,17 @@ def run_pipeline(cfg: PipelineConfig, tune_backbone: TuneBackbone | None = None)
     check_cluster_paths(run_dir=cfg.run_dir, storage=cfg.storage)
     run = RunPaths.of(cfg.run_dir)
     cfg = dataclasses.replace(cfg, run_dir=str(run.root))
+    created = not run.root.exists()
     ensure_writable_dir(run.root)
+    try:
+        return _run_stages(cfg, run, tune_backbone)
+    except BaseException:
+        if created and not any(run.root.iterdir()):  # failed before writing anything (offline cifar10): no RUN
+            run.root.rmdir()
+        raise
+
+
+def _run_stages(cfg: PipelineConfig, run: RunPaths, tune_backbone: TuneBackbone | None) -> Path:
     timings: dict[str, float] = {}
     started = time.perf_counter()
 

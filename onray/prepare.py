@@ -8,6 +8,7 @@ Rerunning into a complete DATA does nothing; into a partial one (a crash) it pre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -29,6 +30,7 @@ from lib.prepare import (
     manifest_document,
 )
 from lib.sources import Listing
+from lib.sources.location import file_uri
 from onray.runtime import check_cluster_paths, check_shared_storage, init_ray
 
 # Images per Ray Data block: one decode task and one Parquet file per block and split.
@@ -75,6 +77,36 @@ def decode_and_write(listing: Listing, splits: np.ndarray, out_dir: Path) -> lis
     return summaries
 
 
+def readable_part(listing: Listing, bad: list[list[str]]) -> tuple[Listing, np.ndarray]:
+    """The listing without its unreadable files (``bad``: :func:`merge_summaries`'s ``[file, reason]`` pairs),
+    and the positions it keeps."""
+    unreadable = {name for name, _ in bad}
+    keep = np.asarray([file_uri(listing.filesystem, path) not in unreadable for path in listing.files])
+    rows = np.flatnonzero(keep)
+    return dataclasses.replace(listing, ids=[listing.ids[i] for i in rows], labels=listing.labels[rows],
+                               source_split=listing.source_split[rows],
+                               files=[listing.files[i] for i in rows]), rows
+
+
+def _resplit_readable(listing: Listing, splits: np.ndarray, merged: dict, cfg: PrepareConfig, data_dir: Path,
+                      staged: Path) -> tuple[Listing, np.ndarray, dict, Path]:
+    """With ``--skip-bad-images``: the splits are drawn among the readable files only, so an unreadable file never
+    takes a class's val (or train) place. When leaving the unreadable files out moves any pick, the readable
+    files are decoded and written again under the new splits (a second pass, only then)."""
+    readable, rows = readable_part(listing, merged["bad"])
+    redrawn = assign_splits(readable, cfg.val_fraction, cfg.seed)
+    if np.array_equal(redrawn, splits[rows]):
+        return listing, splits, merged, staged
+    log(f"{len(merged['bad'])} unreadable files left out; drawing the splits again among the {len(readable)} "
+        f"readable ones and writing them again")
+    shutil.rmtree(staged, ignore_errors=True)
+    staged = staging_dir(data_dir, "prepare")
+    bad = merged["bad"]
+    merged = merge_summaries(decode_and_write(readable, redrawn, staged), readable.classes)
+    merged["bad"] = sorted(bad + merged["bad"])  # the second pass sees only files the first one read
+    return readable, redrawn, merged, staged
+
+
 def prepare_data(cfg: PrepareConfig) -> Path:
     """Prepare ``cfg.data_dir``; returns it. Idempotent for a complete DATA; a run that wrote nothing
     leaves no folder behind."""
@@ -114,6 +146,8 @@ def _prepare(cfg: PrepareConfig, data_dir: Path, started: float) -> Path:
         check_shared_storage(staged)  # the decode tasks write their Parquet files there, on any node
         decode_started = time.perf_counter()
         merged = merge_summaries(decode_and_write(listing, splits, staged), listing.classes)
+        if merged["bad"] and cfg.skip_bad_images:
+            listing, splits, merged, staged = _resplit_readable(listing, splits, merged, cfg, data_dir, staged)
         decode_seconds = time.perf_counter() - decode_started
         check_written(merged, cfg.skip_bad_images, source)
         for split in SPLITS:

@@ -100,6 +100,45 @@ def route_forwarded_worker_lines(name: str, handler: Callable[[dict[str, Any]], 
     return True
 
 
+# --- Ray Serve's replicas ---------------------------------------------------------------------------------------
+
+# The module and function Ray Serve's replica binds its inter-deployment gRPC server with: ``ReplicaBase.
+# _on_initialized`` calls ``add_port_to_grpc_server(self._server, "[::]:0")`` (ray/serve/_private/replica.py), every
+# interface whatever the node's address, and no setting or variable changes that address.
+REPLICA_GRPC_BINDER = ("ray.serve._private.replica", "add_port_to_grpc_server")
+
+
+def bind_replica_grpc_to_loopback() -> bool:
+    """In a Serve replica on a node that listens on loopback only (a local Ray, :func:`hold_node_on_loopback`),
+    make the replica's inter-deployment gRPC server listen on the node's address too, not on every interface.
+
+    Call it in the replica before Serve starts that server (the deployment's ``__init__`` runs first). Callers
+    reach the server at the node's address (``RunningReplicaInfo.node_ip``), so binding there changes nothing for
+    them. Returns True when it took effect; False, changing nothing, on a node with a routable address (a cluster:
+    other nodes' proxies call in) or when this Ray has no such function.
+    """
+    import importlib
+    import ipaddress
+
+    import ray
+
+    node_ip = ray.util.get_node_ip_address()
+    module = importlib.import_module(REPLICA_GRPC_BINDER[0])
+    original = getattr(module, REPLICA_GRPC_BINDER[1], None)
+    if not ipaddress.ip_address(node_ip).is_loopback or not callable(original):
+        return False
+    if getattr(original, "binds_node_ip", False):
+        return True
+
+    def bind_on_node_ip(server, address: str):
+        host, _, port = address.rpartition(":")
+        return original(server, f"{node_ip}:{port}" if host in ("[::]", "0.0.0.0", "") else address)
+
+    bind_on_node_ip.binds_node_ip = True
+    setattr(module, REPLICA_GRPC_BINDER[1], bind_on_node_ip)
+    return True
+
+
 # --- The cluster's state --------------------------------------------------------------------------------------
 
 def cluster_config_max_resources() -> dict[str, float]:

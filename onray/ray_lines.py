@@ -28,11 +28,15 @@ HARMLESS = (
 RAY_PYTHON_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+\S+:\d+ -- ")
 # Ray's C++ log lines: "[2026-11-30 01:03:09,227 E 24462 24462] core_worker.cc:2465: ..."
 RAY_CPP_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([DIWEF]) \d+ \d+\] ")
+# Ray Serve's log lines (ray/serve/_private/logging_utils.py ServeFormatter: level, time, component, its id, then a
+# request id and other fields where there are): "INFO 2026-12-03 17:41:02,517 serve 4100 -- Started Serve ..."
+RAY_SERVE_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \S+ \S+ (\S+ )*-- ")
 
 
 def ray_level(line: str) -> str | None:
-    """The first letter of a Ray log line's level (D, I, W, E, C or F), None for a line not from Ray's logging."""
-    match = RAY_PYTHON_LINE.match(line) or RAY_CPP_LINE.match(line)
+    """The first letter of a Ray log line's level (D, I, W, E, C or F), None for a line not from Ray's logging
+    (Ray's Python and C++ logging, and Ray Serve's)."""
+    match = RAY_PYTHON_LINE.match(line) or RAY_CPP_LINE.match(line) or RAY_SERVE_LINE.match(line)
     return match.group(1)[0] if match else None
 
 

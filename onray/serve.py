@@ -154,7 +154,11 @@ class GalleryService:
         from lib.gallery import ImageStore
         from lib.paths import RunPaths
         from lib.search import Searcher
+        from onray.ray_internals import bind_replica_grpc_to_loopback
 
+        # Serve's own gRPC server in this replica (started after this __init__) listens where the node does: on a
+        # local Ray, loopback only, not every interface
+        bind_replica_grpc_to_loopback()
         if ray.get_gpu_ids() and not torch.cuda.is_available():
             raise RuntimeError(cuda_unusable_reason())  # never a silent CPU fallback on a GPU replica
         self.device = "cuda" if ray.get_gpu_ids() else "cpu"

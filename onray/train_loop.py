@@ -13,6 +13,7 @@ re-batches the stream. Per-step statistics stay on the device and are read once 
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -28,9 +29,17 @@ import torch.distributed as dist
 
 from lib.augment import AugmentSettings, fresh_generator, normalize, resize_batch
 from lib.batching import balanced_batches, epoch_batches
-from lib.checkpoints import load_train_state, write_checkpoint
+from lib.checkpoints import (
+    checkpoint_name,
+    checkpoint_problem,
+    load_train_state,
+    newest_complete_checkpoint,
+    publish_checkpoint,
+    write_checkpoint,
+)
 from lib.console import log
 from lib.devices import available_cpus, cuda_unusable_reason
+from lib.errors import disk_error
 from lib.losses import COLLAPSE_SPREAD
 from lib.paths import RunPaths
 from lib.precision import forward
@@ -98,7 +107,9 @@ def whole_shard(shard, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
+    """One worker's training; rank 0 returns ``{"disk_error": one line}`` when a full or read-only disk stopped it
+    (every rank stops at the same epoch, and Ray Train's failure policy never retries it), else None."""
     context = WorkerContext.from_loop_config(config)  # a typo or a bad value fails here, at once
     cfg, (rank, world) = context.train, _world()
     device = _worker_device(context)
@@ -134,9 +145,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stop = bool(cfg.patience) and epoch - best_epoch(history)["epoch"] >= cfg.patience
         if rank == 0:
             log(epoch_line(cfg, row, training.objective.epoch_metrics(totals), stop))
-        _report(row, training, history, rank)
+        disk_problem = _report(row, training, history, rank, device)
+        if disk_problem:
+            return {"disk_error": disk_problem} if rank == 0 else None
         if stop:
             break
+    return None
 
 
 def epoch_line(cfg: TrainConfig, row: dict[str, Any], objective_metrics: dict[str, float], stop: bool) -> str:
@@ -175,19 +189,53 @@ def _val_split(cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, to
 
 def _resume_or_start(training: Training, val, cfg: TrainConfig, device: torch.device, rank: int
                      ) -> tuple[list[dict[str, Any]], int | None]:
-    """The history to continue and the epoch resumed from: the last checkpoint's (loaded into ``training``), or
-    a fresh history whose epoch 0 is the untrained network's val metrics (and None)."""
-    checkpoint = ray.train.get_checkpoint()
-    if not checkpoint:
+    """The history to continue and the epoch resumed from: the newest complete checkpoint's (loaded into
+    ``training``), or a fresh history whose epoch 0 is the untrained network's val metrics (and None)."""
+    folder = _resume_folder()
+    if folder is None:
         history = [{"epoch": 0, **evaluate(training, val, device)}]
         if rank == 0:
             log(f"{cfg.backbone}: untrained val mAP@5 {history[0][METRIC]:.3f}, P@5 {history[0]['val_p@5']:.3f}")
         return history, None
-    with checkpoint.as_directory() as folder:  # weights_only loading: a checkpoint never runs code
-        history = training.restore(*load_train_state(folder, device, run_folder=Path(checkpoint.path).parent))
-    if rank == 0:
-        log(f"{cfg.backbone}: resuming after epoch {history[-1]['epoch']} from {checkpoint.path}")
+    with folder as path:  # weights_only loading: a checkpoint never runs code
+        history = training.restore(*load_train_state(path, device, run_folder=Path(path).parent))
+        if rank == 0:
+            log(f"{cfg.backbone}: resuming after epoch {history[-1]['epoch']} from {path}")
     return history, history[-1]["epoch"]
+
+
+def _resume_folder():
+    """A context giving the local folder of the checkpoint to resume from, or None for a fresh start.
+
+    On local storage, the newest complete checkpoint of this run's folder (:func:`lib.checkpoints.
+    newest_complete_checkpoint`): the one Ray Train last registered, or a newer one whose report a crash cut
+    off; a folder a full disk left incomplete is passed over. On remote storage (``s3://``), Ray Train's own,
+    downloaded, and used only when complete."""
+    storage = ray.train.get_context().get_storage()
+    local = _local_path(storage.storage_filesystem, storage.experiment_fs_path)
+    if local is not None:
+        folder, _ = newest_complete_checkpoint(local)
+        return None if folder is None else contextlib.nullcontext(str(folder))
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return None
+    return _complete_download(checkpoint)
+
+
+@contextlib.contextmanager
+def _complete_download(checkpoint):
+    with checkpoint.as_directory() as path:
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise RuntimeError(f"checkpoint {checkpoint.path} is not complete ({problem})")
+        yield path
+
+
+def _local_path(filesystem, path: str) -> Path | None:
+    """``path`` as a local folder when ``filesystem`` is the local one (pyarrow's), else None."""
+    import pyarrow.fs
+
+    return Path(path) if isinstance(filesystem, pyarrow.fs.LocalFileSystem) else None
 
 
 class EpochBatches:
@@ -269,11 +317,50 @@ def _maybe_inject_failure(cfg: TrainConfig, epoch: int, rank: int) -> None:
     raise RuntimeError(f"injected failure at epoch {epoch} (--inject-failure)")
 
 
-def _report(row: dict[str, Any], training: Training, history: list[dict[str, Any]], rank: int) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
-    if rank != 0:
+def _report(row: dict[str, Any], training: Training, history: list[dict[str, Any]], rank: int,
+            device: torch.device) -> str | None:
+    """Every rank reports (a barrier); rank 0 first publishes the checkpoint into the run's storage
+    (:func:`_publish`) and attaches it. A full or read-only disk while publishing is returned on every rank, as
+    one line on rank 0 (the ranks agree on it first), with nothing reported: the caller stops."""
+    problem, checkpoint = None, None
+    if rank == 0:
+        try:
+            checkpoint = _publish(training.model.state_dict(), training.train_state(history))
+        except OSError as err:
+            if disk_error(err) is None:
+                raise
+            problem = str(disk_error(err))
+    if _sum_across_ranks([1.0 if problem else 0.0], device)[0] > 0:
+        return problem or "rank 0 could not write its checkpoint"
+    if checkpoint is None:
         ray.train.report(row)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        write_checkpoint(folder, training.model.state_dict(), training.train_state(history))
-        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    else:
+        ray.train.report(row, checkpoint=checkpoint, checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+    return None
+
+
+def _publish(model_state: dict[str, Any], train_state: dict[str, Any]) -> ray.train.Checkpoint:
+    """Write this epoch's checkpoint into the run's storage folder, whole or not at all, and return it.
+
+    Local storage: :func:`lib.checkpoints.publish_checkpoint` (a hidden temporary folder, checked, then renamed).
+    Remote storage: written to a local temporary folder, then uploaded with ``checkpoint.json`` last, so a
+    checkpoint there without that file is one whose upload did not finish. Ray Train then registers the folder
+    as it is (``CheckpointUploadMode.NO_UPLOAD``): it never copies a checkpoint itself."""
+    import pyarrow.fs
+
+    from lib.checkpoints import MANIFEST_FILE
+
+    storage = ray.train.get_context().get_storage()
+    filesystem, name = storage.storage_filesystem, checkpoint_name()
+    destination = f"{storage.experiment_fs_path}/{name}"
+    local = _local_path(filesystem, storage.experiment_fs_path)
+    if local is not None:
+        publish_checkpoint(local, name, model_state, train_state)
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            write_checkpoint(folder, model_state, train_state)
+            filesystem.create_dir(destination)
+            for path in sorted(Path(folder).iterdir(), key=lambda p: p.name == MANIFEST_FILE):
+                pyarrow.fs.copy_files(str(path), f"{destination}/{path.name}",
+                                      destination_filesystem=filesystem)
+    return ray.train.Checkpoint(path=destination, filesystem=filesystem)

@@ -24,13 +24,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lib.augment import AugmentSettings
 from lib.backbones import build_model, fetch_imagenet_weights
-from lib.checkpoints import load_train_state
+from lib.checkpoints import checkpoint_epoch, load_train_state, newest_complete_checkpoint
 from lib.config import from_dict, to_dict
 from lib.console import detail, log
 from lib.data.reader import PreparedData
 from lib.data.subsets import per_class_subset, write_subset
 from lib.devices import gpu_share
-from lib.errors import UserError, disk_error, failure_reason
+from lib.errors import UserError, WorkFailed, disk_error, failure_reason
 from lib.io import atomic_copy, atomic_open, ensure_writable_dir, write_json
 from lib.paths import RunPaths
 from lib.planning import TrainPlan, plan_training
@@ -50,6 +50,9 @@ from onray.train_loop import train_loop_per_worker
 
 # Settings that do not change what a training run computes: a rerun that differs only in them is the same run.
 NOT_RESULT_KEYS = ("max_failures", "inject_failure", "storage", "gpus_per_worker", "mlflow")
+# Where the files are, not what trains: a RUN copied or moved elsewhere (or its DATA) is the same run. What the
+# data is counts instead, by the fingerprint of DATA's manifest (:func:`run_identity`).
+LOCATION_KEYS = ("run_dir", "data_dir")
 # How often the driver moves the per-backbone progress bars while it waits for the trainers.
 BAR_POLL_S = 1.0
 
@@ -73,7 +76,7 @@ class Subsets:
         return {"train": self.train, "val": self.val}[split]
 
 
-class BackboneFailed(Exception):
+class BackboneFailed(WorkFailed):
     """Some backbones' training failed (``failures``: backbone -> why); the others' results stand."""
 
     def __init__(self, failures: dict[str, str]):
@@ -86,23 +89,29 @@ def model_dir(cfg: TrainConfig) -> Path:
 
 
 def _result_settings(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in NOT_RESULT_KEYS}
+    return {k: v for k, v in config.items() if k not in NOT_RESULT_KEYS + LOCATION_KEYS}
+
+
+def run_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """What makes a training run this run: its resolved settings (not where RUN and DATA are, nor the settings
+    of :data:`NOT_RESULT_KEYS`) and the fingerprint of its data (``DATA/manifest.json``)."""
+    return {**_result_settings(to_dict(cfg)), "data": PreparedData.open(cfg.data_dir).fingerprint()}
 
 
 def finished(cfg: TrainConfig) -> bool:
-    """True when ``summary.json`` says this backbone was trained with exactly this resolved config."""
+    """True when ``summary.json`` says this backbone was trained as this run (:func:`run_identity`)."""
     try:
         summary = json.loads((model_dir(cfg) / "summary.json").read_text())
     except (OSError, ValueError):
         return False
-    return (_result_settings(to_dict(cfg)) == _result_settings(summary.get("config", {}))
-            and (model_dir(cfg) / "model.pt").is_file())
+    return summary.get("identity") == run_identity(cfg) and (model_dir(cfg) / "model.pt").is_file()
 
 
 def train_run_name(cfg: TrainConfig) -> str:
-    """Ray Train's run name for ``cfg``: ``<backbone>-<digest of the resolved config>``. An interrupted run
-    resumes from its checkpoints only when rerun with the same config; a changed one starts afresh."""
-    settings = json.dumps(_result_settings(to_dict(cfg)), sort_keys=True, default=str)
+    """Ray Train's run name for ``cfg``: ``<backbone>-<digest of run_identity(cfg)>``. An interrupted run
+    resumes from its checkpoints only when rerun as the same run, wherever its RUN now is; a changed one starts
+    afresh."""
+    settings = json.dumps(run_identity(cfg), sort_keys=True, default=str)
     return f"{cfg.backbone}-{hashlib.sha256(settings.encode()).hexdigest()[:10]}"
 
 
@@ -184,17 +193,23 @@ def local_run_folder(storage: str, name: str) -> Path | None:
     return Path(storage).expanduser() / name
 
 
-def check_resume_checkpoint(storage: str, name: str) -> None:
-    """Before a run resumes: load its newest ``checkpoint_*`` folder the way the workers will
-    (:func:`lib.checkpoints.load_train_state`, ``weights_only``), so a crafted or damaged checkpoint raises
-    one-line :class:`UserError` in the driver instead of crashing every worker the failure policy restarts.
-    Checks local storage only; a remote one is left to the workers."""
+def check_resume_checkpoint(storage: str, name: str, backbone: str = "") -> None:
+    """Before a run resumes: find its newest complete ``checkpoint_*`` folder (the one the workers will resume
+    from, :func:`lib.checkpoints.newest_complete_checkpoint`), say which newer folders it passes over and why,
+    and load it the way the workers will (:func:`lib.checkpoints.load_train_state`, ``weights_only``), so a
+    crafted or damaged checkpoint raises one-line :class:`UserError` in the driver instead of crashing every
+    worker the failure policy restarts. Checks local storage only; a remote one is left to the workers."""
     folder = local_run_folder(storage, name)
     if folder is None or not folder.is_dir():
         return
-    checkpoints = sorted(path for path in folder.glob("checkpoint_*") if path.is_dir())  # names sort by time
-    if checkpoints:
-        load_train_state(checkpoints[-1], "cpu", run_folder=folder)
+    newest, passed_over = newest_complete_checkpoint(folder)
+    prefix = f"{backbone}: " if backbone else ""
+    for skipped, problem in passed_over:
+        log(f"{prefix}passing over incomplete checkpoint {skipped.name} ({problem})")
+    if newest is not None:
+        load_train_state(newest, "cpu", run_folder=folder)
+        if passed_over:
+            log(f"{prefix}resuming from the newest complete checkpoint, {newest.name} (epoch {checkpoint_epoch(newest)})")
 
 
 def fit_backbone(cfg: TrainConfig, use_gpu: bool, num_classes: int, subsets: Subsets, trainers_per_node: int = 1,
@@ -205,14 +220,24 @@ def fit_backbone(cfg: TrainConfig, use_gpu: bool, num_classes: int, subsets: Sub
     """
     out = model_dir(cfg)
     name, storage = train_run_name(cfg), cfg.storage or str(out)
-    check_resume_checkpoint(storage, name)  # a bad checkpoint fails here, once, not in every restarted worker
+    check_resume_checkpoint(storage, name, cfg.backbone)  # a bad checkpoint fails here once, not in every worker
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)  # an earlier config's outputs are stale from here on
     trainer = build_trainer(cfg, use_gpu, num_classes, trainers_per_node, name=name, storage=storage,
                             subsets=subsets, progress=progress)
     started = time.perf_counter()
     result = trainer.fit()
+    raise_disk_error(result)
     return write_outputs(cfg, result, time.perf_counter() - started)
+
+
+def raise_disk_error(result) -> None:
+    """The one-line :class:`UserError` of a full or read-only disk that stopped the workers
+    (:func:`onray.train_loop.train_loop_per_worker` returns it instead of raising, so that Ray Train's failure
+    policy does not retry it), if any."""
+    returned = getattr(result, "return_value", None)
+    if isinstance(returned, dict) and returned.get("disk_error"):
+        raise UserError(str(returned["disk_error"]))
 
 
 def write_outputs(cfg: TrainConfig, result, seconds: float) -> dict[str, Any]:
@@ -236,7 +261,8 @@ def write_outputs(cfg: TrainConfig, result, seconds: float) -> dict[str, Any]:
                "best": {k: best_row[k] for k in (METRIC, "val_p@5", "val_loss", "train_loss")},
                # every epoch's time, those before a resume included; this run's wall time beside it
                "train_seconds": round(sum(row.get("epoch_seconds", 0.0) for row in history), 1),
-               "wall_seconds_this_run": round(seconds, 1), "checkpoint": best_checkpoint.path, "config": to_dict(cfg)}
+               "wall_seconds_this_run": round(seconds, 1), "checkpoint": best_checkpoint.path, "config": to_dict(cfg),
+               "identity": run_identity(cfg)}
     write_json(out / "summary.json", summary)
     log(f"{cfg.backbone}: best val mAP@5 {best_row[METRIC]:.3f} at epoch {best_row['epoch']} "
         f"(untrained {history[0][METRIC]:.3f}) -> {out}")

@@ -25,7 +25,7 @@ from lib.config import from_dict, to_dict
 from lib.console import Progress, log
 from lib.io import write_json
 from lib.training import HPARAM_KEYS, METRIC, METRIC_MODE, TrainConfig
-from onray.trainer import Subsets, build_trainer
+from onray.trainer import Subsets, build_trainer, raise_disk_error
 from tuning.record import FINISHED, last_score, trial_row
 from tuning.spaces import Space, to_tune
 
@@ -138,7 +138,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], use_gpu: bool, nu
     # Named by trial id: a retried trial continues from its own last checkpoint.
     trainer = build_trainer(cfg, use_gpu, num_classes, trainers_per_node, name=trial_id, storage=storage,
                             subsets=subsets, callbacks=[TuneReportCallback()])
-    trainer.fit()
+    raise_disk_error(trainer.fit())  # a full disk ends the trial with its one line
 
 
 class TrialRecorder(ray.tune.Callback):

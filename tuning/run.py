@@ -19,7 +19,7 @@ from typing import Any, Literal
 from lib.config import borrowed, check_ranges, fields_from, option, to_dict
 from lib.console import log
 from lib.data.reader import PreparedData
-from lib.errors import UserError
+from lib.errors import UserError, WorkFailed
 from lib.io import ensure_writable_dir, write_json
 from lib.paths import RunPaths, absolute
 from lib.pipeline import PipelineConfig
@@ -73,7 +73,7 @@ class TuneJobConfig:
                            **{**overrides, **given})
 
 
-class TuneFailed(Exception):
+class TuneFailed(WorkFailed):
     """No trial reported a validation score."""
 
 

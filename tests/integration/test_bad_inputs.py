@@ -2,6 +2,10 @@
 input is valid but odd (a 1x1 or a 4000x4000 image, spaces and non-ASCII in paths), a normal run."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +14,7 @@ from PIL import Image
 from jobs import prepare, train
 from lib.backbones import build_model
 from lib.data.reader import PreparedData
-from tests.conftest import image_array, make_image_folder
+from tests.conftest import REPO, image_array, make_image_folder
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -74,3 +78,19 @@ def test_bad_training_inputs_are_one_line_and_create_nothing(data, tmp_path, cap
         assert len(lines) == 1 and lines[0].startswith("jobs.train: error: ") and message in lines[0], (extra, lines)
         assert not run.exists(), extra
     assert json.loads((data / "manifest.json").read_text())["totals"]["train"] > 0  # DATA untouched
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare")
+def test_an_offline_cifar10_pipeline_is_one_line_and_leaves_no_run_folder(tmp_path):
+    """Truly offline: a network namespace of its own, without interfaces, where the download cannot resolve."""
+    run = tmp_path / "runs" / "r1"
+    # a home of its own: no CIFAR-10 archive in its cache (~/.cache/cifar-embeddings)
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "HOME": str(tmp_path / "home")}
+    done = subprocess.run(["unshare", "--net", "--map-root-user", sys.executable, "-m", "jobs.pipeline",
+                           "--source", "cifar10", "--run-dir", str(run), "--preset", "smoke"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    if done.returncode != 2 and "unshare" in done.stderr:
+        pytest.skip(f"cannot make a network namespace here: {done.stderr.strip()[-200:]}")
+    errors = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("[")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
+    assert errors[0].startswith("jobs.pipeline: error: cannot download CIFAR-10") and "imagefolder:PATH" in errors[0]
+    assert not run.exists()  # no empty RUN left behind

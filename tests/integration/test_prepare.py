@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -105,6 +106,27 @@ def test_skip_bad_images_counts_and_lists_them(folder_with_bad_file, tmp_path, c
     assert sorted(s["path"] for s in manifest["skipped"]) == sorted(
         [str(bad), str(folder / "test" / "cat" / "readme.txt")])
     assert sum(manifest["totals"].values()) == 3 * 14  # the 42 real images, the 2 bad files left out
+
+
+def test_skip_bad_images_draws_the_splits_among_the_readable_files(image_folder, tmp_path, capsys):
+    """The one val pick of a class is the unreadable file: another cat image takes its place."""
+    from lib.prepare import PrepareConfig, assign_splits
+
+    data = tmp_path / "data"
+    cfg = PrepareConfig(source=f"imagefolder:{image_folder}", data_dir=str(data), skip_bad_images=True)
+    listing = cfg.data_source.list_images(cfg.list_options)
+    splits = assign_splits(listing, cfg.val_fraction, cfg.seed)
+    [pick] = [path for path, split, label in zip(listing.files, splits, listing.labels, strict=True)
+              if split == "val" and listing.classes[label] == "cat"]
+    Path(pick).write_bytes(b"\x89PNG cut short")
+    code, errors, _ = run(capsys, "--source", f"imagefolder:{image_folder}", "--data-dir", str(data),
+                          "--skip-bad-images")
+    assert code == 0 and errors == []
+    manifest = read_manifest(data)
+    assert [s["path"] for s in manifest["skipped"]] == [pick]
+    assert manifest["counts"]["val"]["cat"] == 1 and manifest["counts"]["train"]["cat"] == 8
+    val = PreparedData.open(data).read_split("val")
+    assert f"train/cat/{Path(pick).name}" not in set(val.ids) and len(val.ids) == len(set(val.ids))
 
 
 def test_grey_rgba_and_odd_sizes_are_converted_and_recorded(image_folder, tmp_path, capsys):

@@ -29,6 +29,7 @@ from tests.integration.test_evaluate import evaluated_run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 MAX_UPLOAD = 100_000  # bytes: small, so "too large" is cheap to send
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
 @pytest.fixture(scope="module")
@@ -213,13 +214,36 @@ def test_the_job_starts_its_own_ray_serves_and_stops_on_sigterm(service, tmp_pat
             with contextlib.suppress(requests.ConnectionError):
                 answer = post(f"http://127.0.0.1:{port}/", k=3, id="test/dog/0001.png")
         assert answered(answer) == answered(post(url, k=3, id="test/dog/0001.png"))
+        listening = listening_sockets(job.pid)
+        assert any("ServeReplica" in name for name, _, _ in listening), listening  # the replica was seen
+        assert {"gcs_server", "raylet"} <= {name for name, _, _ in listening}, listening
+        exposed = [entry for entry in listening if entry[1] not in LOOPBACK]
+        assert not exposed, exposed  # Serve's proxy, its replica's gRPC server and all of Ray: 127.0.0.1 only
         job.send_signal(signal.SIGTERM)
         job.wait(timeout=60)
         assert job.returncode == 130 and "jobs.serve: interrupted" in log.read_text(), log.read_text()[-3000:]
+        # the terminal shows the job's own lines only (Ray's and Serve's INFO lines go to its log file)
+        stray = [line for line in log.read_text().splitlines() if line.strip() and not line.startswith("[")
+                 and not line.startswith("jobs.serve: ")]
+        assert not stray, stray
     finally:
         if job.poll() is None:
             job.kill()
             job.wait()
+
+
+def listening_sockets(pid: int) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every listening TCP socket of ``pid`` and all its descendants: a job's
+    local Ray (GCS, raylet, agents, workers, Serve's controller, proxy and replicas) descends from the job."""
+    import psutil
+
+    found = []
+    parent = psutil.Process(pid)
+    for proc in [parent, *parent.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            found += [(proc.name(), c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN]
+    return found
 
 
 def test_serve_run_builder_takes_the_run_and_refuses_unknown_arguments(service):

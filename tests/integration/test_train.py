@@ -9,7 +9,7 @@ from PIL import Image
 
 from jobs import prepare, train
 from lib.backbones import build_model
-from lib.checkpoints import load_train_state
+from lib.checkpoints import load_train_state, seal_checkpoint
 from lib.losses import COLLAPSE_SPREAD
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -121,6 +121,7 @@ def test_a_resumed_two_worker_proxy_anchor_run_continues_from_its_checkpointed_p
     planted = state["objective"]["loss.proxies"] * 1000
     state["objective"]["loss.proxies"] = planted
     torch.save(state, checkpoint / "train_state.pt")
+    seal_checkpoint(checkpoint)  # planted on purpose: its checkpoint.json says so, or the rerun would pass it over
 
     assert smoke(data_dir, run, *args) == 0
     rows = history(run, "resnet50")

@@ -4,12 +4,13 @@ the real checkpoint still resumes."""
 import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
 
 from jobs import prepare, train
-from lib.checkpoints import TRAIN_STATE_FILE
+from lib.checkpoints import MANIFEST_FILE, TRAIN_STATE_FILE, seal_checkpoint
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 RAY_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(DEBUG|INFO|WARNING) ")
@@ -42,10 +43,12 @@ def test_a_crafted_checkpoint_fails_the_rerun_with_one_line_and_runs_nothing(dat
     checkpoints = sorted(p for p in (run / "models" / "resnet50").glob("resnet50-*/checkpoint_*") if p.is_dir())
     assert checkpoints, list((run / "models" / "resnet50").rglob("*"))
     marker = tmp_path / "ran"
-    real = {checkpoint: (checkpoint / TRAIN_STATE_FILE).read_bytes() for checkpoint in checkpoints}
+    real = {checkpoint: {name: (checkpoint / name).read_bytes() for name in (TRAIN_STATE_FILE, MANIFEST_FILE)}
+            for checkpoint in checkpoints}
     for checkpoint in checkpoints:
         torch.save({"optimizer": _RunsCode(marker), "scheduler": {}, "history": [{"epoch": 1}]},
                    checkpoint / TRAIN_STATE_FILE)
+        seal_checkpoint(checkpoint)  # whoever can write the run folder can write checkpoint.json as well
 
     code = train.cli(flags)
     err = capsys.readouterr().err
@@ -57,9 +60,14 @@ def test_a_crafted_checkpoint_fails_the_rerun_with_one_line_and_runs_nothing(dat
     assert "delete the run's checkpoints" in lines[0] and "--run-dir" in lines[0]
     assert not marker.exists()
 
-    # the real file back: the driver's check passes it and the workers resume from it (weights_only)
-    for checkpoint, data in real.items():
-        (checkpoint / TRAIN_STATE_FILE).write_bytes(data)
-    assert train.cli(flags) == 0
-    rows = [json.loads(line) for line in (run / "models" / "resnet50" / "metrics.jsonl").read_text().splitlines()]
+    # the real files back: the driver's check passes them and the workers resume from them (weights_only), in a
+    # RUN moved to another folder (where the files are is not part of what the run is)
+    for checkpoint, files in real.items():
+        for name, data in files.items():
+            (checkpoint / name).write_bytes(data)
+    moved = tmp_path / "moved" / "run"
+    moved.parent.mkdir()
+    shutil.move(run, moved)
+    assert train.cli([str(moved) if arg == str(run) else arg for arg in flags]) == 0
+    rows = [json.loads(line) for line in (moved / "models" / "resnet50" / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [0, 1, 2] and rows[2]["resumed_from"] == 1

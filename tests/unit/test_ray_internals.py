@@ -96,3 +96,13 @@ def test_a_working_dir_package_honours_rayignore(tmp_path):
     ray_internals.package_working_dir(folder, tmp_path / "package.zip", include_gitignore=True)
     names = zipfile.ZipFile(tmp_path / "package.zip").namelist()
     assert "keep.py" in names and "big.bin" not in names
+
+
+def test_the_replicas_grpc_binder_is_the_one_serve_calls_with_every_interface():
+    """onray.serve binds each replica's inter-deployment gRPC server to loopback through this name; if a Ray release
+    renames it or stops passing "[::]:0", the replica would listen on every interface again: this fails first."""
+    import importlib
+
+    module = importlib.import_module(ray_internals.REPLICA_GRPC_BINDER[0])
+    assert callable(getattr(module, ray_internals.REPLICA_GRPC_BINDER[1]))
+    assert f'{ray_internals.REPLICA_GRPC_BINDER[1]}(self._server, "[::]:0")' in inspect.getsource(module)

@@ -14,13 +14,16 @@ CPP_HARMLESS = ("[2026-11-30 01:03:09,227 E 24462 24462] core_worker.cc:2465: Ac
                 "ID: 'd7f9' has constructor arguments in the object store and max_restarts > 0. If the arguments")
 CPP_ERROR = "[2026-11-30 01:03:09,227 E 24462 24462] core_worker.cc:99: Failed to connect to the raylet"
 CPP_INFO = "[2026-11-30 01:03:09,227 I 24462 24462] core_worker.cc:99: connected"
+SERVE_INFO = 'INFO 2026-12-03 17:41:02,517 serve 4100 -- Started Serve in namespace "serve".'
+SERVE_REQUEST_INFO = "INFO 2026-12-03 17:41:09,002 gallery_GalleryService q8x1 7f3e-request -- POST /search 200 28.1ms"
+SERVE_ERROR = "ERROR 2026-12-03 17:41:09,002 gallery_GalleryService q8x1 -- Exception in replica"
 
 
 def test_ray_routine_lines_are_told_from_errors_and_our_own():
-    for line in (RAY_INFO, RAY_WARNING, CPP_HARMLESS, CPP_INFO):
+    for line in (RAY_INFO, RAY_WARNING, CPP_HARMLESS, CPP_INFO, SERVE_INFO, SERVE_REQUEST_INFO):
         assert routine_ray_line(line), line
         assert not ray_error_line(line), line
-    for line in (RAY_ERROR, CPP_ERROR):
+    for line in (RAY_ERROR, CPP_ERROR, SERVE_ERROR):
         assert not routine_ray_line(line) and ray_error_line(line), line
     ours = "[01:03:00] densenet121: untrained val mAP@5 0.400"
     assert console.OURS.match(ours) and not routine_ray_line(ours) and not ray_error_line(ours)
