@@ -30,10 +30,10 @@ OBJECT_STORES = tuple(kind for kind in (getattr(pafs, "S3FileSystem", None), get
 _S3 = getattr(pafs, "S3FileSystem", type(None))
 # The environment variables an S3 filesystem reads its keys from (the AWS SDK's own names).
 AWS_KEY_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-# Other places the AWS SDK finds credentials in; when none is set, a refused request is worth a hint.
-AWS_CREDENTIAL_SOURCES = (*AWS_KEY_VARIABLES, "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE",
-                          "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-                          "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+# Other variables that point the AWS SDK at credentials; with none set and no credentials or config file,
+# a refused request is worth a hint.
+AWS_CREDENTIAL_VARIABLES = (*AWS_KEY_VARIABLES, "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                            "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,13 @@ def with_driver_credentials(filesystem: pafs.FileSystem) -> pafs.FileSystem:
 
 
 def credentials_hint(filesystem: pafs.FileSystem) -> str:
-    """For a refused S3 request: what to set when no credentials are in the environment, else ``""``."""
-    if not isinstance(filesystem, _S3) or any(os.environ.get(v) for v in AWS_CREDENTIAL_SOURCES):
+    """For a refused S3 request: what to set when neither the environment nor an AWS credentials or config file
+    holds credentials, else ``""`` (an instance role is not looked for: the hint says "in the environment")."""
+    if not isinstance(filesystem, _S3) or any(os.environ.get(v) for v in AWS_CREDENTIAL_VARIABLES):
+        return ""
+    files = (os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials",
+             os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config")
+    if any(Path(file).expanduser().is_file() for file in files):
         return ""
     return ("; no AWS credentials in the environment: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(and AWS_ENDPOINT_URL for an S3-compatible server)")
@@ -128,10 +133,13 @@ def join(path: str, *names: str) -> str:
 
 def file_uri(filesystem: pafs.FileSystem, path: str) -> str:
     """How to name ``path`` on ``filesystem`` in a message or the manifest: the plain path for a local file,
-    the path on the underlying filesystem for a ``SubTreeFileSystem``, else ``<type>://<path>`` (``s3://b/k``)."""
+    the path on the underlying filesystem for a ``SubTreeFileSystem``, fsspec's URI for an fsspec filesystem,
+    else ``<type>://<path>`` (``s3://b/k``)."""
     if isinstance(filesystem, pafs.LocalFileSystem):
         return path
     if isinstance(filesystem, pafs.SubTreeFileSystem):
         inner, base = path.strip("/"), filesystem.base_path.rstrip("/") or filesystem.base_path
         return file_uri(filesystem.base_fs, join(base, inner) if inner else base)
+    if isinstance(filesystem, pafs.PyFileSystem) and isinstance(filesystem.handler, pafs.FSSpecHandler):
+        return filesystem.handler.fs.unstrip_protocol(path)  # fsspec's own name: memory:///bucket/x, az://...
     return f"{filesystem.type_name}://{path}"
