@@ -9,7 +9,7 @@ listing and decoding use only that object, never ``open(path)``.
 
 Object storage (S3 and S3-compatible servers) takes its settings from the standard AWS environment:
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` (``AWS_SESSION_TOKEN``), ``AWS_ENDPOINT_URL`` for a server
-that is not AWS, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``. Keys found in the driver's environment are put
+that is not AWS, ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (or ``?region=`` on the URI). Keys found in the driver's environment are put
 into the filesystem object itself, so the decode tasks (which receive that object, pickled) authenticate
 the same way on any node, whatever their own environment holds.
 """
