@@ -21,6 +21,7 @@ import pytest
 
 from jobs import prepare
 from lib.data.reader import SPLITS, PreparedData, read_manifest
+from onray.ray_lines import routine_ray_line
 from tests.conftest import REPO, make_image_folder
 
 BUCKET = "images"
@@ -102,9 +103,11 @@ def set_environment(monkeypatch, env: dict[str, str]) -> None:
 
 
 def run(capsys, *argv):
+    """(exit code, the stderr lines a person would see: not our progress, not Ray's routine logging)."""
     code = prepare.cli(list(argv))
     err = capsys.readouterr().err
-    return code, [line for line in err.strip().splitlines() if not line.startswith("[")]
+    return code, [line for line in err.strip().splitlines()
+                  if not line.startswith("[") and not routine_ray_line(line)]
 
 
 def data_by_id(data_dir) -> dict[str, dict]:
