@@ -19,6 +19,11 @@ import urllib.request
 import numpy as np
 import pytest
 
+# Ray Data's console log handler keeps the sys.stderr of the moment ray.data is first imported: imported here,
+# at collection, it writes to pytest's session-long stream, not to one test's capsys stream (closed after it,
+# which would turn every later Ray Data log line into a "--- Logging error ---" block).
+import ray.data  # noqa: F401, I001
+
 from jobs import prepare
 from lib.data.reader import SPLITS, PreparedData, read_manifest
 from onray.ray_lines import routine_ray_line
