@@ -17,7 +17,7 @@ from lib.training import TrainConfig
 
 DEFAULT_BACKBONES = ("densenet121", "resnet50", "vgg16")
 # jobs.prepare's settings the pipeline passes through; its data_dir is RUN/data and its seed the pipeline's
-PREPARE_SETTINGS = ("source", "val_fraction", "skip_bad_images")
+PREPARE_SETTINGS = ("source", "val_fraction", "skip_bad_images", "max_side")
 # jobs.train's settings the pipeline passes through to every backbone's training (None: the preset's value);
 # tuned keys from a best.json win over them. Adding a training flag to the pipeline = adding its name here.
 TRAIN_SETTINGS = ("preset", "weights", "num_workers", "use_gpu", "precision", "augment_on", "gpus_per_worker",

@@ -5,6 +5,7 @@ The Ray side (decoding and writing Parquet in parallel) is :mod:`onray.prepare`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,6 +20,9 @@ from lib.data.reader import FORMAT_VERSION, SPLITS, PreparedData
 from lib.data.writer import IDENTITY_KEYS
 from lib.errors import UserError
 from lib.sources import DataSource, Listing, ListOptions, parse_source, stratified_pick
+
+# The largest --image-size / --max-side: 4096 x 4096 x 3 is 48 MiB per stored image.
+MAX_STORED_SIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,10 @@ class PrepareConfig:
     seed: int = option(0, help="seed of the val (and single-tree test) split")
     skip_bad_images: bool = option(False, help="skip unreadable files (counted and listed in the manifest) "
                                                "instead of stopping")
+    image_size: int | None = option(None, help="store every image at S x S pixels (scaled to cover, "
+                                               "centre-cropped) instead of the source's most common size")
+    max_side: int | None = option(None, help="store images at the source's most common size scaled down so "
+                                             "neither side exceeds M pixels (aspect ratio kept; never enlarged)")
     cache_dir: str = option("~/.cache/cifar-embeddings", help="where cifar10 downloads and extracts to")
 
     def __post_init__(self) -> None:
@@ -42,7 +50,10 @@ class PrepareConfig:
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise UserError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}")
-        check_ranges(self, non_negative=("seed",))
+        check_ranges(self, positive=("image_size", "max_side"), non_negative=("seed",),
+                     at_most={"image_size": MAX_STORED_SIDE, "max_side": MAX_STORED_SIDE})
+        if self.image_size is not None and self.max_side is not None:
+            raise UserError("give --image-size or --max-side, not both")
         self.data_source  # noqa: B018 - a bad --source fails here, when the config is made
 
     @cached_property
@@ -52,13 +63,38 @@ class PrepareConfig:
 
     @property
     def list_options(self) -> ListOptions:
-        return ListOptions(cache_dir=Path(self.cache_dir), test_fraction=self.test_fraction, seed=self.seed)
+        chosen = (self.image_size, self.image_size, 3) if self.image_size is not None else None
+        return ListOptions(cache_dir=Path(self.cache_dir), test_fraction=self.test_fraction, seed=self.seed,
+                           image_shape=chosen)
+
+
+def stored_shape(cfg: PrepareConfig, source_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The (H, W, 3) every image is stored at: ``--image-size S`` -> (S, S, 3); ``--max-side M`` ->
+    ``source_shape`` (the source's most common size) scaled so its longer side is at most M, aspect ratio
+    kept and each side rounded (never enlarged); neither -> ``source_shape``."""
+    if cfg.image_size is not None:
+        return (cfg.image_size, cfg.image_size, 3)
+    height, width = source_shape[:2]
+    if cfg.max_side is None or max(height, width) <= cfg.max_side:
+        return (height, width, 3)
+    scale = cfg.max_side / max(height, width)
+    return (max(1, round(height * scale)), max(1, round(width * scale)), 3)
+
+
+def with_stored_shape(cfg: PrepareConfig, listing: Listing) -> Listing:
+    """``listing`` with ``image_shape`` the stored shape (:func:`stored_shape`); the shape the source measured
+    goes into its notes as ``most_common_shape`` (absent with ``--image-size``: nothing was measured)."""
+    notes = dict(listing.notes)
+    if cfg.image_size is None:
+        notes["most_common_shape"] = list(listing.image_shape)
+    return dataclasses.replace(listing, image_shape=stored_shape(cfg, listing.image_shape), notes=notes)
 
 
 def identity(cfg: PrepareConfig) -> dict[str, Any]:
     """The settings that decide DATA's content (see :data:`lib.data.writer.IDENTITY_KEYS`)."""
     return {"source": str(cfg.data_source), "seed": cfg.seed, "val_fraction": cfg.val_fraction,
-            "test_fraction": cfg.test_fraction, "skip_bad_images": cfg.skip_bad_images}
+            "test_fraction": cfg.test_fraction, "skip_bad_images": cfg.skip_bad_images,
+            "image_size": cfg.image_size, "max_side": cfg.max_side}
 
 
 def check_existing(data_dir: Path, wanted: dict[str, Any]) -> bool:

@@ -2,7 +2,8 @@
 
 Output: ``DATA/{train,val,test}/part-*.parquet`` and ``DATA/manifest.json`` (see :mod:`lib.data`).
 The source is any registered kind (:mod:`lib.sources`); its files are read by the decode tasks through the
-listing's ``pyarrow.fs`` filesystem object.
+listing's ``pyarrow.fs`` filesystem object. A source's slow independent reads while listing (an object-storage
+folder's class folders, a sample of headers) run as Ray Data tasks too (:func:`map_on_ray_data`).
 Rerunning into a complete DATA does nothing; into a partial one (a crash) it prepares it again.
 """
 
@@ -12,7 +13,9 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +31,7 @@ from lib.prepare import (
     check_written,
     identity,
     manifest_document,
+    with_stored_shape,
 )
 from lib.sources import Listing
 from lib.sources.location import file_uri
@@ -35,6 +39,38 @@ from onray.runtime import check_cluster_paths, check_shared_storage, init_ray
 
 # Images per Ray Data block: one decode task and one Parquet file per block and split.
 ROWS_PER_BLOCK = 2500
+# At most this many Ray Data tasks for one listing step (each takes a share of the items).
+LISTING_TASKS = 64
+
+
+def _apply_to_items(batch: dict[str, np.ndarray], *, function: Callable[[Any], Any]) -> dict[str, np.ndarray]:
+    """One listing task: ``function`` of each JSON-encoded ``item``, JSON-encoded, beside its ``index``."""
+    results = [json.dumps(function(json.loads(item))) for item in batch["item"]]
+    return {"index": batch["index"], "result": np.array(results, dtype=object)}
+
+
+def map_on_ray_data(function: Callable[[Any], Any], items: list) -> list:
+    """``[function(item) for item in items]`` in Ray Data tasks (at most :data:`LISTING_TASKS`), in order.
+
+    ``ListOptions.map_each`` for jobs.prepare: starts (or attaches to) Ray on first use. Items and results
+    travel as JSON, so both must be JSON-compatible; ``function`` must be picklable.
+    """
+    if not items:
+        return []
+    import ray
+
+    init_ray()
+    rows = ray.data.from_items([{"index": i, "item": json.dumps(item)} for i, item in enumerate(items)],
+                               override_num_blocks=min(len(items), LISTING_TASKS))
+    mapped = rows.map_batches(_apply_to_items, batch_size=None, batch_format="numpy",
+                              fn_kwargs={"function": function})
+    results: list = [None] * len(items)
+    progress = Progress(len(items), "list", unit="item")
+    for done, row in enumerate(mapped.iter_rows(), start=1):
+        results[int(row["index"])] = json.loads(row["result"])
+        progress.update(done)
+    progress.close()
+    return results
 
 
 def listing_blocks(listing: Listing, splits: np.ndarray) -> list[pa.Table]:
@@ -130,7 +166,8 @@ def _prepare(cfg: PrepareConfig, data_dir: Path, started: float) -> Path:
         return data_dir
 
     detail(f"listing {source}")
-    listing = source.list_images(cfg.list_options)
+    listing = with_stored_shape(cfg, source.list_images(dataclasses.replace(cfg.list_options,
+                                                                            map_each=map_on_ray_data)))
     splits = assign_splits(listing, cfg.val_fraction, cfg.seed)
     log(f"{len(listing)} images in {len(listing.classes)} classes ({listing.notes['layout']}), "
         f"stored as {listing.image_shape[0]}x{listing.image_shape[1]} RGB; "

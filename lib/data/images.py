@@ -41,6 +41,18 @@ def decode_image_file(path: str | BinaryIO, shape: tuple[int, int, int]) -> tupl
     return array, conversions
 
 
+def fit_image_array(image: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """An RGB uint8 array (h, w, 3) at ``shape`` (H, W, 3): scaled to cover and centre-cropped, the way
+    :func:`decode_image_file` resizes files (for sources whose pixels are already in memory)."""
+    from PIL import Image, ImageOps
+
+    height, width = shape[:2]
+    if image.shape[:2] == (height, width):
+        return image
+    fitted = ImageOps.fit(Image.fromarray(image), (width, height), method=Image.Resampling.BICUBIC)
+    return np.asarray(fitted, dtype=np.uint8)
+
+
 class _FileBytes(io.BytesIO):
     """A file's bytes in memory that PIL names by the file's path in its errors (it prints ``repr(fp)``)."""
 

@@ -17,14 +17,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from lib.data.images import read_image_file
+from lib.data.images import fit_image_array, read_image_file
 from lib.data.reader import MANIFEST, SPLITS
 from lib.io import atomic_path, write_json
 from lib.parquet import write_parquet
 from lib.sources.location import file_uri
 
 # Settings that decide a prepared data set's content; a rerun with other values must not reuse it.
-IDENTITY_KEYS = ("source", "seed", "val_fraction", "test_fraction", "skip_bad_images")
+IDENTITY_KEYS = ("source", "seed", "val_fraction", "test_fraction", "skip_bad_images", "image_size", "max_side")
 # At most this many converted files are named in the manifest (all are counted).
 CONVERTED_EXAMPLES = 50
 
@@ -61,6 +61,10 @@ def write_shard_batch(batch: dict[str, Any], *, out_dir: str, image_shape: tuple
     if "image" in batch:
         images = np.asarray(batch["image"], dtype=np.uint8)
         ok = np.ones(n, dtype=bool)
+        if images.shape[1:] != tuple(image_shape):  # a stored size chosen for pixels already in memory
+            images = np.array([fit_image_array(image, image_shape) for image in images],
+                              dtype=np.uint8).reshape((n, *image_shape))
+            converted["size"] += n
     else:
         filesystem = filesystem or pafs.LocalFileSystem()
         paths = np.asarray(batch["path"]).astype(str)

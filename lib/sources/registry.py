@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -36,14 +37,31 @@ SOURCE_SPLITS = ("train", "test")
 KIND_NAME = re.compile(r"[a-z][a-z0-9_-]*")
 
 
+# map_each(function, items) -> [function(item) for item in items], in order, possibly in parallel elsewhere.
+MapEach = Callable[[Callable[[Any], Any], list], list]
+
+
+def map_in_this_process(function: Callable[[Any], Any], items: list) -> list:
+    """The default :data:`MapEach`: one item after another, here."""
+    return [function(item) for item in items]
+
+
 @dataclass(frozen=True)
 class ListOptions:
     """What listing may depend on besides the source: ``cache_dir`` (downloads), and the seed and share of
-    each class a source without its own test split uses as test."""
+    each class a source without its own test split uses as test.
+
+    ``image_shape``: the (H, W, 3) the images will be stored at when the user chose it; a source then need
+    not measure its files. ``map_each``: how a source runs many slow, independent reads (listing folders on
+    object storage, reading headers): jobs.prepare passes one that runs them as Ray Data tasks. The function
+    mapped must be picklable and return JSON-compatible values (lists, dicts, str, numbers).
+    """
 
     cache_dir: Path
     test_fraction: float = 0.2
     seed: int = 0
+    image_shape: tuple[int, int, int] | None = None
+    map_each: MapEach = map_in_this_process
 
 
 @dataclass

@@ -145,18 +145,23 @@ def test_grey_rgba_and_odd_sizes_are_converted_and_recorded(image_folder, tmp_pa
     assert big.shape == (32, 32, 3)
 
 
-def test_prepares_cifar_batches(cifar_batches, tmp_path, capsys):
+def test_prepares_cifar_batches_at_a_chosen_size(cifar_batches, tmp_path, capsys):
     data = tmp_path / "data"
-    code, errors, _ = run(capsys, "--source", f"cifar10:{cifar_batches}", "--data-dir", str(data))
+    code, errors, _ = run(capsys, "--source", f"cifar10:{cifar_batches}", "--data-dir", str(data),
+                          "--image-size", "16")
     assert code == 0 and errors == []
     manifest = read_manifest(data)
     assert manifest["totals"] == {"train": 90, "val": 10, "test": 20}
     assert all(n == 1 for n in manifest["counts"]["val"].values())
     assert manifest["source_notes"]["verified"] is False
+    assert manifest["image_size"] == 16 and manifest["image_shape"] == [16, 16, 3]
+    assert manifest["converted"]["resized"] == 120
+    from lib.data.images import fit_image_array
     from lib.sources.cifar10 import load_cifar10_batches
 
     listing = load_cifar10_batches(cifar_batches)
     test = PreparedData.open(data).read_split("test")
     by_id = dict(zip(listing.ids, listing.images, strict=True))
-    assert all(np.array_equal(by_id[i], image) for i, image in zip(test.ids, test.images, strict=True))
+    assert all(np.array_equal(fit_image_array(by_id[i], (16, 16, 3)), image)
+               for i, image in zip(test.ids, test.images, strict=True))
     json.dumps(manifest)  # the manifest is plain JSON
