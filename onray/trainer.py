@@ -29,6 +29,7 @@ from lib.config import from_dict, to_dict
 from lib.console import detail, log
 from lib.data.reader import PreparedData
 from lib.data.subsets import per_class_subset, write_subset
+from lib.data.units import row_groups
 from lib.devices import gpu_share
 from lib.errors import UserError, disk_error, failure_reason
 from lib.io import atomic_copy, atomic_open, ensure_writable_dir, write_json
@@ -48,7 +49,7 @@ from onray.runtime import check_cluster_paths, check_shared_storage, init_ray, o
 from onray.train_loop import train_loop_per_worker
 
 # Settings that do not change what a training run computes: a rerun that differs only in them is the same run.
-NOT_RESULT_KEYS = ("max_failures", "inject_failure", "storage", "gpus_per_worker")
+NOT_RESULT_KEYS = ("max_failures", "inject_failure", "storage", "gpus_per_worker", "cache_budget")
 # How often the driver moves the per-backbone progress bars while it waits for the trainers.
 BAR_POLL_S = 1.0
 
@@ -134,17 +135,24 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_pe
     if rows // cfg.num_workers < cfg.batch_size:
         raise UserError(f"{rows} train images give each of {cfg.num_workers} workers fewer than "
                         f"--batch-size {cfg.batch_size}: lower --batch-size or --num-workers")
-    for split, augment in (("train", True), ("val", False)):
+    # augmenting on the device, the workers read their train rows themselves, row group by row group (cached or
+    # streamed, onray.train_loop.EpochBatches); Ray Data's map tasks augment them otherwise
+    splits = (("train", True), ("val", False)) if cfg.augment_on == "data" else (("val", False),)
+    for split, augment in splits:
         subset = subsets.of(split)
         files = list(subset.files) if subset else None
         datasets[split] = augmented_dataset(data, split, settings, augment=augment, files=files,
                                             shuffle="blocks" if augment else "none",
                                             stored=cfg.augment_on == "device")
+    units = ()
+    if cfg.augment_on == "device":
+        units = tuple(tuple(unit.as_list()) for unit in row_groups(
+            list(subsets.train.files) if subsets.train else data.files("train"), cfg.num_workers))
     resources = {"CPU": 1, "GPU": gpu_share(cfg.gpus_per_worker) or 1} if use_gpu else {"CPU": 1}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=WorkerContext(cfg, num_classes, rows // cfg.num_workers, trainers_per_node,
-                                        progress).as_loop_config(),
+                                        progress, units, data.image_shape).as_loop_config(),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage, callbacks=callbacks,
