@@ -167,6 +167,7 @@ def epoch_line(cfg: TrainConfig, row: dict[str, Any], objective_metrics: dict[st
     return (f"{cfg.backbone} epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f} "
             f"(val {row['val_loss']:.4f}), val mAP@5 {row[METRIC]:.3f} P@5 {row['val_p@5']:.3f}{own}, "
             f"spread {row['spread']:.3f}, {row['images_per_s']:.0f} img/s"
+            + (" (streamed)" if row.get("data_mode") == "streamed" else "")
             + (" - embeddings collapsed: lower --lr or change --loss (or --miner)" if collapsed else "")
             + (f" - early stop: no better val mAP@5 for {cfg.patience} epochs" if stop else ""))
 

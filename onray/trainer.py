@@ -243,10 +243,24 @@ def write_outputs(cfg: TrainConfig, result, seconds: float) -> dict[str, Any]:
                "best": {k: best_row[k] for k in (METRIC, "val_p@5", "val_loss", "train_loss")},
                # every epoch's time, those before a resume included; this run's wall time beside it
                "train_seconds": round(sum(row.get("epoch_seconds", 0.0) for row in history), 1),
-               "wall_seconds_this_run": round(seconds, 1), "checkpoint": best_checkpoint.path, "config": to_dict(cfg)}
+               "wall_seconds_this_run": round(seconds, 1), "checkpoint": best_checkpoint.path,
+               "train_data": train_data_summary(history), "config": to_dict(cfg)}
     write_json(out / "summary.json", summary)
     log(f"{cfg.backbone}: best val mAP@5 {best_row[METRIC]:.3f} at epoch {best_row['epoch']} "
         f"(untrained {history[0][METRIC]:.3f}) -> {out}")
+    return summary
+
+
+def train_data_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the train rows reached the workers (``mode``: cached, streamed or ray_data) and the most memory a
+    worker held in any epoch: ``peak_rss_gb`` on CPUs, ``gpu_peak_memory_gb`` on GPUs, and for a streamed run
+    its epochs' largest buffer, ``stream_buffer_gb``."""
+    trained = [row for row in history if row.get("epoch", 0) >= 1]
+    summary: dict[str, Any] = {"mode": trained[-1].get("data_mode") if trained else None}
+    for key in ("peak_rss_gb", "gpu_peak_memory_gb", "stream_buffer_gb"):
+        values = [row[key] for row in trained if key in row]
+        if values:
+            summary[key] = max(values)
     return summary
 
 
