@@ -147,8 +147,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row["data_mode"] = data_mode
         row["gpu_peak_memory_gb" if device.type == "cuda" else "peak_rss_gb"] = _most_across_ranks(
             peak_memory_gb(device), device)
-        if batches.streamed:
-            row["stream_buffer_gb"] = round(_most_across_ranks(batches.held_bytes, device) / 2 ** 30, 4)
+        if data_mode == "streamed":  # every rank takes part (a rank within its budget held no buffer)
+            row["stream_buffer_gb"] = round(_most_across_ranks(batches.held_bytes, device) / 2 ** 30, 6)
         if resumed_from is not None:  # the first epoch after a restart or a rerun says so in the metrics
             row["resumed_from"], resumed_from = resumed_from, None
         history.append(row)
