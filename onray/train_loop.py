@@ -13,8 +13,10 @@ re-batches the stream. Per-step statistics stay on the device and are read once 
 
 from __future__ import annotations
 
+import queue
 import resource
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -135,6 +137,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                              training.scheduler, device, training.bf16,
                              on_step=_progress(cfg, reporter, epoch, training.steps_per_epoch, rank))
         seconds = time.perf_counter() - started
+        if epoch < cfg.epochs:
+            batches.start(epoch + 1)  # a streamed epoch starts reading while this one is evaluated
         reporter.step(epoch, training.steps_per_epoch, force=True)
         totals = dict(zip(totals, _sum_across_ranks(list(totals.values()), device), strict=True))
         if totals["steps"] == 0:
@@ -227,6 +231,7 @@ class EpochBatches:
         self.cfg, self.training, self.device, self.rank = context.train, training, device, rank
         self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self.streamed, self.held_bytes = False, 0
+        self.started: tuple[int, Iterable[dict[str, torch.Tensor]]] | None = None  # start()'s epoch and batches
         if self.cfg.augment_on != "device":
             self.shard = ray.train.get_dataset_shard("train")
             return
@@ -243,7 +248,17 @@ class EpochBatches:
                 f"{'over' if self.streamed else 'within'} the cache budget {format_size(budget)}: "
                 + ("streamed from Ray Data every epoch" if self.streamed else f"kept on the {device.type}"))
 
+    def start(self, epoch: int) -> None:
+        """Plan ``epoch`` now and, streamed, start reading its first row groups: called on every rank as the
+        previous epoch's steps end, so Ray Data's start-up and first reads overlap the val pass and checkpoint
+        instead of holding up the epoch's first step. Cached and Ray Data epochs start when called."""
+        if self.streamed:
+            self.started = (epoch, self(epoch))
+
     def __call__(self, epoch: int) -> Iterable[dict[str, torch.Tensor]]:
+        started, self.started = self.started, None
+        if started is not None and started[0] == epoch:
+            return started[1]
         cfg, k, steps_per_epoch = self.cfg, self.training.samples_per_class, self.training.steps_per_epoch
         seed = cfg.seed * 1000 + epoch * 10 + self.rank
         if cfg.augment_on != "device":
@@ -260,7 +275,7 @@ class EpochBatches:
             return augmented_batches(stored, labels, index, settings, generator)
         layout = stream_layout(index, self.unit_sizes)
         self.held_bytes = max(self.held_bytes, layout.capacity * int(np.prod(self.image_shape)))
-        arriving = self._arriving(layout.read_order)
+        arriving = _read_ahead(self._arriving(layout.read_order))
         return streamed_batches(index, self.labels, self.unit_sizes, layout, arriving, self.image_shape, settings,
                                 generator, self.device)
 
@@ -288,6 +303,30 @@ class EpochBatches:
         if self.device.type == "cuda":
             images = images.pin_memory()
         return images.to(self.device, non_blocking=True), torch.from_numpy(self.labels).to(self.device)
+
+
+def _read_ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """``items``, pulled by a thread from the start, ``depth`` ahead of the consumer: a streamed epoch's first row
+    groups are read while the worker still evaluates the previous epoch. An error in the thread is raised here."""
+    handed: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def pull() -> None:
+        try:
+            for item in items:
+                handed.put(item)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            handed.put(err)
+        handed.put(done)
+
+    def drain() -> Iterator[Any]:
+        while (item := handed.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    threading.Thread(target=pull, daemon=True, name="stream-read-ahead").start()  # now, not at the first item
+    return drain()
 
 
 def _free_memory(device: torch.device, context: WorkerContext) -> tuple[int, int]:
