@@ -5,9 +5,10 @@ and val mAP@5 over the whole val split, then a report to Ray Train with rank 0's
 group resumes from the last checkpoint (network, objective with its proxies, optimiser, schedule, history).
 What trains is :func:`lib.training.build_training`'s, the same as the train benchmark's plain loop.
 
-With ``augment_on="device"`` (the default) the shard carries the stored images: the worker gathers its
-rows onto its device once, then each epoch picks P x K batches of them by index and augments (and resizes)
-them there; the val split is resized there once. With ``"data"`` Ray Data's map tasks augment on CPUs and the worker
+With ``augment_on="device"`` (the default) the worker reads its share of the train split's row groups as stored
+through Ray Data, onto its device once when they fit ``--cache-budget``, else streamed every epoch into a buffer
+of the row groups due (the same batches either way); each epoch picks P x K batches by index and augments (and
+resizes) them there; the val split is resized there once. With ``"data"`` Ray Data's map tasks augment on CPUs and the worker
 re-batches the stream. Per-step statistics stay on the device and are read once per epoch.
 """
 
@@ -251,8 +252,9 @@ class EpochBatches:
     def start(self, epoch: int) -> None:
         """Plan ``epoch`` now and, streamed, start reading its first row groups: called on every rank as the
         previous epoch's steps end, so Ray Data's start-up and first reads overlap the val pass and checkpoint
-        instead of holding up the epoch's first step. Cached and Ray Data epochs start when called."""
-        if self.streamed:
+        instead of holding up the epoch's first step. Every rank plans (the plan agrees on the step count with the
+        others), cached or streamed; Ray Data epochs (``--augment-on data``) start when called."""
+        if self.cfg.augment_on == "device":
             self.started = (epoch, self(epoch))
 
     def __call__(self, epoch: int) -> Iterable[dict[str, torch.Tensor]]:
