@@ -8,8 +8,8 @@ What trains is :func:`lib.training.build_training`'s, the same as the train benc
 With ``augment_on="device"`` (the default) the worker reads its share of the train split's row groups as stored
 through Ray Data, onto its device once when they fit ``--cache-budget``, else streamed every epoch into a buffer
 of the row groups due (the same batches either way); each epoch picks P x K batches by index and augments (and
-resizes) them there; the val split is resized there once. With ``"data"`` Ray Data's map tasks augment on CPUs and the worker
-re-batches the stream. Per-step statistics stay on the device and are read once per epoch.
+resizes) them there; the val split is resized there once. With ``"data"`` Ray Data's map tasks augment on CPUs
+and the worker re-batches the stream. Per-step statistics stay on the device and are read once per epoch.
 """
 
 from __future__ import annotations
