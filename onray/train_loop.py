@@ -287,13 +287,17 @@ class EpochBatches:
         pieces: list[np.ndarray] = []
         for block in unit_dataset(self.units, order).iter_batches(batch_size=None, batch_format="numpy",
                                                                   prefetch_batches=STREAM_PREFETCH_UNITS):
-            unit = int(block["unit"][0])
-            pieces.append(block["image"])
-            if sum(len(piece) for piece in pieces) < self.unit_sizes[unit]:
-                continue  # Ray Data split a large unit into several blocks: the rest follows
-            images = torch.from_numpy(np.concatenate(pieces) if len(pieces) > 1 else np.array(pieces[0]))
-            pieces = []
-            yield unit, images.pin_memory() if self.device.type == "cuda" else images
+            # a block is one unit, part of one (Ray Data splits large blocks) or, were it to merge them, several
+            units = block["unit"]
+            bounds = np.flatnonzero(np.diff(units)) + 1
+            for start, stop in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(units)]]), strict=True):
+                unit = int(units[start])
+                pieces.append(block["image"][start:stop])
+                if sum(len(piece) for piece in pieces) < self.unit_sizes[unit]:
+                    continue  # the rest of this unit follows in the next block
+                images = torch.from_numpy(np.concatenate(pieces) if len(pieces) > 1 else np.array(pieces[0]))
+                pieces = []
+                yield unit, images.pin_memory() if self.device.type == "cuda" else images
 
     def _read_whole_shard(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The shard's rows as stored and (N,) labels on the device, read once, units in order."""
