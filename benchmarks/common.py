@@ -40,6 +40,11 @@ class BenchmarkConfig:
     train_images: int = option(5000, help="train images per epoch in the train suite (a class-balanced subset; "
                                            "5000 is the quick preset's)")
     epochs: int = option(3, help="epochs per side in the train suite (the first is a warm-up)")
+    train_sides: tuple[str, ...] = option(("ray", "ray_stream", "ray_data", "worker"),
+                                          help="the train suite's Ray sides, each against the plain loop: ray "
+                                               "(jobs.train, rows cached on the device), ray_stream (--cache-budget "
+                                               "0: streamed every epoch), ray_data (--augment-on data), worker (the "
+                                               "plain loop in a Ray Train worker)")
     embed_backbones: tuple[str, ...] = option(("resnet50",), help="networks the embed suite runs in one pass "
                                                                   "(jobs.evaluate after a 3-backbone jobs.train: "
                                                                   "densenet121,resnet50,vgg16)")
@@ -81,6 +86,9 @@ class BenchmarkConfig:
         if self.rounds < 1:
             raise UserError(f"--rounds must be at least 1, got {self.rounds}")
         check_backbones(self.embed_backbones)
+        sides = ("ray", "ray_stream", "ray_data", "worker")
+        if not self.train_sides or set(self.train_sides) - set(sides):
+            raise UserError(f"--train-sides takes some of {', '.join(sides)}, got {','.join(self.train_sides)}")
 
 
 @dataclass

@@ -7,9 +7,13 @@ quick preset's 500 images per class by default). The plain loop is the worker's 
 Ray: the stored uint8 images sit on the training device, P x K batches are chosen by index
 (:func:`lib.batching.epoch_batches`) and augmented there (:func:`lib.training.augmented_batches`).
 
-The Ray sides: ``ray`` is jobs.train as it runs by default (``--augment-on device``), ``ray_data`` is
-jobs.train with ``--augment-on data`` (Ray Data map tasks augment on CPUs), ``worker`` the plain loop inside a
-Ray Train worker (no Ray Data: what the worker process alone costs). On a GPU the suite runs on it and samples
+The Ray sides (``--train-sides``): ``ray`` is jobs.train as it runs by default (``--augment-on device``, the
+shard within its cache budget: read once onto the device), ``ray_stream`` the same with ``--cache-budget 0`` (the
+shard streamed from Ray Data every epoch into a buffer of the row groups due: the same batches),
+``ray_data`` is jobs.train with ``--augment-on data`` (Ray Data map tasks augment on CPUs), ``worker`` the plain
+loop inside a Ray Train worker (no Ray Data: what the worker process alone costs). Streaming against caching is
+the ratio of their ratios to the plain runs beside them; each Ray run's peak worker memory comes from its
+metrics (resident set on CPUs, the allocator's peak on GPUs). On a GPU the suite runs on it and samples
 the GPU's utilisation (pynvml, else ``nvidia-smi``) while each side trains. This machine's speed drifts, so each
 Ray-side run is compared with the plain runs just before and after it; rates exclude each run's first epoch.
 """
@@ -35,7 +39,7 @@ from lib.paths import RunPaths
 from onray.runtime import init_ray
 
 TRAIN_ROUNDS = 2  # a round trains through Ray three times and runs the plain loop three times: ~9 minutes on 2 cores
-RAY_SIDES = ("ray", "ray_data", "worker")
+RAY_SIDES = ("ray", "ray_stream", "ray_data", "worker")
 
 
 def plain_training_epochs(cfg: BenchmarkConfig, train_cfg, images, labels, epochs: int,
@@ -199,12 +203,18 @@ def run(cfg: BenchmarkConfig, work: Path) -> dict:
             torch.cuda.empty_cache()  # the Ray worker needs the memory next
         return rates
 
-    def ray_side(augment_on: str, round_: int) -> list[float]:
-        run_cfg = dataclasses.replace(train_cfg, run_dir=str(work / f"train-suite-{augment_on}-{round_}"),
-                                      augment_on=augment_on)  # a fresh run
+    peak_memory: dict[str, list[float]] = {side: [] for side in RAY_SIDES}
+
+    def ray_side(side: str, augment_on: str, round_: int, cache_budget: str = "auto") -> list[float]:
+        run_cfg = dataclasses.replace(train_cfg, run_dir=str(work / f"train-suite-{side}-{round_}"),
+                                      augment_on=augment_on, cache_budget=cache_budget)  # a fresh run
         train_backbones(run_cfg)
         metrics = RunPaths.of(run_cfg.run_dir).model(cfg.backbone) / "metrics.jsonl"
-        return [row["images_per_s"] for row in map(json.loads, metrics.read_text().splitlines()) if row["epoch"] >= 1]
+        rows = [row for row in map(json.loads, metrics.read_text().splitlines()) if row["epoch"] >= 1]
+        peaks = [row[key] for row in rows for key in ("peak_rss_gb", "gpu_peak_memory_gb") if key in row]
+        if peaks:
+            peak_memory[side].append(max(peaks))
+        return [row["images_per_s"] for row in rows]
 
     def worker_side() -> list[float]:
         log("train suite: the plain loop inside a Ray Train worker (no Ray Data) ...")
@@ -213,12 +223,14 @@ def run(cfg: BenchmarkConfig, work: Path) -> dict:
     # This machine's speed drifts by more than the gap being measured, so every Ray-side run is compared
     # with the plain runs just before and after it: plain, ray, plain, ray_data, plain, worker, plain, ...
     # (whole training runs, not single calls: hence not benchmarks.common.interleave)
-    measures = {"ray": lambda r: ray_side("device", r), "ray_data": lambda r: ray_side("data", r),
-                "worker": lambda r: worker_side()}
-    runs: dict[str, list[list[float]]] = {"plain": [plain_side()], **{side: [] for side in RAY_SIDES}}
-    ratios: dict[str, list[float]] = {side: [] for side in RAY_SIDES}
+    measures = {"ray": lambda r: ray_side("ray", "device", r),
+                "ray_stream": lambda r: ray_side("ray_stream", "device", r, cache_budget="0"),
+                "ray_data": lambda r: ray_side("ray_data", "data", r), "worker": lambda r: worker_side()}
+    sides = [side for side in RAY_SIDES if side in cfg.train_sides]
+    runs: dict[str, list[list[float]]] = {"plain": [plain_side()], **{side: [] for side in sides}}
+    ratios: dict[str, list[float]] = {side: [] for side in sides}
     for round_ in range(min(cfg.rounds, TRAIN_ROUNDS)):
-        for side in RAY_SIDES:
+        for side in sides:
             runs[side].append(sampled(side, functools.partial(measures[side], round_)))
             runs["plain"].append(plain_side())
             around = statistics.mean(statistics.median(rates[1:]) for rates in runs["plain"][-2:])
@@ -227,30 +239,49 @@ def run(cfg: BenchmarkConfig, work: Path) -> dict:
     def median_of(side: str) -> float:  # epochs after each run's warm-up epoch
         return round(statistics.median(r for rates in runs[side] for r in rates[1:]), 1)
 
+    def over(side: str, other: str) -> float | None:
+        """``side``'s ratio to the plain runs beside it over ``other``'s: the machine's drift cancels."""
+        if side not in ratios or other not in ratios:
+            return None
+        return round(statistics.median(ratios[side]) / statistics.median(ratios[other]), 2)
+
+    names = {"ray": "", "ray_stream": "ray_stream_", "ray_data": "ray_data_", "worker": "worker_"}
+    ratio_names = {"ray": "ratio", "ray_stream": "ratio_streamed", "ray_data": "ratio_ray_data",
+                   "worker": "ratio_worker_alone"}
     return {
         "backbone": cfg.backbone, "images": len(labels), "image_size": train_cfg.image_size,
         "batch_size": cfg.batch_size, "device": gpu or "CPU", "torch_threads": threads, "precision": precision,
         **{f"{side}_images_per_s": [[round(r, 1) for r in rates] for rates in runs[side]] for side in runs},
         **{f"{side}_median": median_of(side) for side in runs},
-        "ratios": [round(float(r), 3) for r in ratios["ray"]], "ratio": round(statistics.median(ratios["ray"]), 2),
-        "ray_data_ratios": [round(float(r), 3) for r in ratios["ray_data"]],
-        "ratio_ray_data": round(statistics.median(ratios["ray_data"]), 2),
-        "worker_ratios": [round(float(r), 3) for r in ratios["worker"]],
-        "ratio_worker_alone": round(statistics.median(ratios["worker"]), 2),
+        **{f"{names[side]}ratios": [round(float(r), 3) for r in ratios[side]] for side in sides},
+        **{ratio_names[side]: round(statistics.median(ratios[side]), 2) for side in sides},
         # each side against the plain runs beside it, so the machine's drift between the two sides cancels
-        "ratio_device_over_ray_data_augmentation": round(statistics.median(ratios["ray"])
-                                                         / statistics.median(ratios["ray_data"]), 2),
+        "ratio_device_over_ray_data_augmentation": over("ray", "ray_data"),
+        "ratio_streamed_over_cached": over("ray_stream", "ray"),
+        "peak_worker_memory_gb": {side: max(values) for side, values in peak_memory.items() if values} or None,
         "gpu_utilisation_percent": {side: values for side, values in utilisation.items() if values} or None,
         "plain_peak_gpu_memory_gb": max(peak_gb) if peak_gb else None,
     }
 
 
 def summary(r: dict) -> str:
-    line = (f"{r['backbone']} at {r['image_size']} px on {r['device']} ({r['precision']}): jobs.train "
-            f"{r['ray_median']} images/s vs plain PyTorch loop {r['plain_median']} -> {r['ratio']}x (rounds "
-            f"{r['ratios']}); with Ray Data augmenting on CPUs {r['ray_data_median']} -> {r['ratio_ray_data']}x "
-            f"(device / Ray Data augmentation {r['ratio_device_over_ray_data_augmentation']}x); the plain loop in a "
-            f"Ray Train worker {r['worker_median']} -> {r['ratio_worker_alone']}x")
+    parts = []
+    if "ratio" in r:
+        parts.append(f"jobs.train {r['ray_median']} images/s vs plain PyTorch loop {r['plain_median']} -> "
+                     f"{r['ratio']}x (rounds {r['ratios']})")
+    if "ratio_streamed" in r:
+        parts.append(f"streamed (--cache-budget 0) {r['ray_stream_median']} -> {r['ratio_streamed']}x"
+                     + (f", {r['ratio_streamed_over_cached']}x the cached run" if r["ratio_streamed_over_cached"]
+                        else ""))
+    if "ratio_ray_data" in r:
+        parts.append(f"with Ray Data augmenting on CPUs {r['ray_data_median']} -> {r['ratio_ray_data']}x"
+                     + (f" (device / Ray Data augmentation {r['ratio_device_over_ray_data_augmentation']}x)"
+                        if r["ratio_device_over_ray_data_augmentation"] else ""))
+    if "ratio_worker_alone" in r:
+        parts.append(f"the plain loop in a Ray Train worker {r['worker_median']} -> {r['ratio_worker_alone']}x")
+    line = f"{r['backbone']} at {r['image_size']} px on {r['device']} ({r['precision']}): " + "; ".join(parts)
+    if r.get("peak_worker_memory_gb"):
+        line += "; peak worker memory GB " + ", ".join(f"{side} {gb}" for side, gb in r["peak_worker_memory_gb"].items())
     if r.get("gpu_utilisation_percent"):
         line += "; GPU utilisation % " + ", ".join(f"{side} {statistics.mean(v):.0f}"
                                                   for side, v in r["gpu_utilisation_percent"].items())

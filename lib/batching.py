@@ -12,7 +12,10 @@ batches a set of class counts allows (:func:`max_batches`), so the LR schedule c
 
 from __future__ import annotations
 
+import bisect
+import heapq
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -59,18 +62,66 @@ def _choose_classes(groups_left: np.ndarray, classes_per_batch: int, rng: np.ran
     return np.argsort(-(groups_left + rng.random(len(groups_left))))[:classes_per_batch]
 
 
+def stream_order(unit_sizes: np.ndarray | list[int], rng: np.random.Generator) -> np.ndarray:
+    """One epoch's order of the rows of units (contiguous runs of ``unit_sizes`` rows, in row order): the units in a
+    random order, each unit's rows shuffled within it. (N,) int64 row indices: the order a streamed epoch can read."""
+    sizes = np.asarray(unit_sizes, dtype=np.int64)
+    unit_of_row = np.repeat(np.arange(len(sizes)), sizes)
+    unit_rank = rng.permutation(len(sizes))[unit_of_row]  # where each row's unit comes in the epoch
+    return np.lexsort((rng.random(len(unit_of_row)), unit_rank)).astype(np.int64)
+
+
+def _paced_groups(chosen_classes: np.ndarray, group_positions: np.ndarray, first_group: np.ndarray,
+                  groups: np.ndarray, rows: int) -> np.ndarray:
+    """Which of its K-row groups each class takes at each step of ``chosen_classes`` (steps, P): the group whose
+    place in the stream keeps pace with the epoch (at step t, the class's first group at or past t / steps of the
+    ``rows``-long stream), held strictly increasing within the class and leaving room for its later turns.
+
+    ``group_positions``: every group's place in the stream, class by class (the class's groups from
+    ``first_group`` on, ascending); ``groups``: each class's group count. A streamed epoch then reads each unit
+    about when its rows are due, for every class at once, however the classes' sizes and the units' mixes differ."""
+    steps, per_step = chosen_classes.shape
+    flat = chosen_classes.reshape(-1)
+    order = np.argsort(flat, kind="stable")  # by class, then by step
+    cls, step = flat[order], np.repeat(np.arange(steps), per_step)[order]
+    turn = np.arange(len(cls)) - np.searchsorted(cls, cls)  # the class's how-manyth batch this is
+    used = np.bincount(cls, minlength=len(groups))[cls]
+    # one search over every class's groups: keys class * (rows + 1) + position ascend class by class
+    class_of_group = np.repeat(np.arange(len(groups)), groups)
+    keys = class_of_group * (rows + 1) + group_positions
+    due = np.floor(rows * (step + 0.5) / steps).astype(np.int64)
+    target = np.searchsorted(keys, cls * (rows + 1) + due) - first_group[cls] - turn
+    # the running maximum within each class: offset the classes apart so that one accumulate does them all
+    span = int(groups.max()) + int(used.max()) + 2
+    paced = np.maximum.accumulate(target + cls * span) - cls * span
+    picked = np.empty_like(flat)
+    picked[order] = np.clip(paced, 0, groups[cls] - used) + turn
+    return picked.reshape(steps, per_step)
+
+
 def epoch_batches(labels: torch.Tensor | np.ndarray, batch_size: int, samples_per_class: int,
-                  seed: int | None = None) -> np.ndarray:
+                  seed: int | None = None, unit_sizes: np.ndarray | list[int] | None = None) -> np.ndarray:
     """Row indices of one epoch's P x K batches over ``labels`` (N,): an (steps, P * K) int64 array.
 
     Each class's rows are shuffled and cut into groups of K; each batch takes one group from each of the P
     classes with the most groups left. ``steps`` is :func:`max_batches` of the group counts; rows that do not
     fill a group are left out, like ``drop_last``.
+
+    ``unit_sizes``: the rows come in units (Parquet row groups, ``sum(unit_sizes) == N``, in row order) that a
+    streamed epoch reads one at a time. Then each class's rows are ordered as :func:`stream_order` reads them
+    and each batch takes the group that keeps pace with the epoch (:func:`_paced_groups`), not the next one,
+    so an epoch needs a unit only around one stretch of its steps: the units held at once do not grow with N.
+    The batches depend on the labels, the units and the seed only, never on whether the rows are in memory.
     """
     classes_per_batch, k = batch_shape(batch_size, samples_per_class)
     labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(labels))
+    if unit_sizes is None:
+        order = rng.permutation(len(labels))
+    else:
+        if int(np.sum(unit_sizes)) != len(labels):
+            raise ValueError(f"unit_sizes add up to {int(np.sum(unit_sizes))} rows, labels has {len(labels)}")
+        order = stream = stream_order(unit_sizes, rng)
     order = order[np.argsort(labels[order], kind="stable")]  # rows grouped by class, shuffled within it
     classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
     groups = counts // k
@@ -78,13 +129,92 @@ def epoch_batches(labels: torch.Tensor | np.ndarray, batch_size: int, samples_pe
     # all groups of all classes as rows of K indices, class by class
     group_rows = np.concatenate([order[s:s + g * k] for s, g in zip(starts, groups, strict=True)]
                                 or [np.zeros(0, np.int64)]).reshape(-1, k)
-    left, chosen_groups = groups.copy(), []
+    left, chosen_classes, next_groups = groups.copy(), [], []
     while (chosen := _choose_classes(left, classes_per_batch, rng)) is not None:
-        chosen_groups.append(first_group[chosen] + groups[chosen] - left[chosen])
+        chosen_classes.append(chosen)
+        next_groups.append(groups[chosen] - left[chosen])  # each class's groups in turn
         left[chosen] -= 1
-    if not chosen_groups:
+    if not chosen_classes:
         return np.zeros((0, classes_per_batch * k), dtype=np.int64)
-    return group_rows[np.stack(chosen_groups)].reshape(len(chosen_groups), -1).astype(np.int64)
+    chosen_classes = np.stack(chosen_classes)  # (steps, P) class positions
+    # each class's groups in turn, or (streamed units) the group that keeps pace with the epoch
+    if unit_sizes is None:
+        group_of_class = np.stack(next_groups)
+    else:
+        place_in_stream = np.empty(len(labels), dtype=np.int64)
+        place_in_stream[stream] = np.arange(len(labels))
+        group_of_class = _paced_groups(chosen_classes, place_in_stream[group_rows[:, -1]], first_group, groups,
+                                       len(labels))
+    chosen_groups = first_group[chosen_classes] + group_of_class
+    return group_rows[chosen_groups].reshape(len(chosen_groups), -1).astype(np.int64)
+
+
+def unit_lifetimes(batch_index: np.ndarray, unit_sizes: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """For each unit (contiguous runs of ``unit_sizes`` rows): the first and the last step of ``batch_index``
+    (steps, B) that takes one of its rows; -1 for both when no step does. A streamed epoch reads a unit before
+    its first step and lets it go after its last."""
+    bounds = np.cumsum(np.asarray(unit_sizes, dtype=np.int64))
+    steps = np.repeat(np.arange(len(batch_index)), batch_index.shape[1] if batch_index.ndim == 2 else 0)
+    units = np.searchsorted(bounds, batch_index.reshape(-1), side="right")
+    first = np.full(len(bounds), np.iinfo(np.int64).max)
+    last = np.full(len(bounds), -1)
+    np.minimum.at(first, units, steps)
+    np.maximum.at(last, units, steps)
+    first[last < 0] = -1
+    return first, last
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """Where a streamed epoch keeps its units (:func:`stream_layout`): ``read_order``, the units it reads, in the
+    order it needs them; ``first_step`` of each unit (-1: never read); ``slot`` (N,), each row's place in a
+    buffer of ``capacity`` rows (-1: never read); a unit's rows keep their places from before its first step to
+    after its last, and no two rows held at once share one."""
+
+    read_order: np.ndarray
+    first_step: np.ndarray
+    slot: np.ndarray
+    capacity: int
+
+
+def stream_layout(batch_index: np.ndarray, unit_sizes: np.ndarray | list[int]) -> StreamLayout:
+    """The :class:`StreamLayout` of one epoch's ``batch_index`` (steps, B) over rows in units of ``unit_sizes``:
+    units read by first step, each given the lowest free run of buffer places that holds it (first fit), its
+    places free again after its last step. The buffer's capacity is the most rows the epoch holds at once, give
+    or take the gaps first fit leaves."""
+    sizes = np.asarray(unit_sizes, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    first, last = unit_lifetimes(batch_index, sizes)
+    used = np.flatnonzero(last >= 0)
+    read_order = used[np.lexsort((used, first[used]))]
+    free: list[list[int]] = [[0, 1 << 62]]  # [start, stop) runs of free places, ascending
+    releases: list[tuple[int, int, int]] = []  # (step after which it frees, start, size), a heap
+    slot_start = np.full(len(sizes), -1, dtype=np.int64)
+    capacity = 0
+    for unit in read_order:
+        while releases and releases[0][0] < first[unit]:
+            _, start, size = heapq.heappop(releases)
+            _free_run(free, start, start + size)
+        run = next(run for run in free if run[1] - run[0] >= sizes[unit])
+        slot_start[unit] = run[0]
+        run[0] += int(sizes[unit])
+        capacity = max(capacity, int(slot_start[unit] + sizes[unit]))
+        heapq.heappush(releases, (int(last[unit]), int(slot_start[unit]), int(sizes[unit])))
+    slot = np.full(int(sizes.sum()), -1, dtype=np.int64)
+    for unit in used:
+        slot[starts[unit]:starts[unit] + sizes[unit]] = slot_start[unit] + np.arange(sizes[unit])
+    return StreamLayout(read_order, first, slot, capacity)
+
+
+def _free_run(free: list[list[int]], start: int, stop: int) -> None:
+    """Give [start, stop) back to the ascending free runs, merged with its neighbours."""
+    position = bisect.bisect_left(free, [start, stop])
+    free.insert(position, [start, stop])
+    if position + 1 < len(free) and free[position][1] == free[position + 1][0]:
+        free[position][1] = free.pop(position + 1)[1]
+    if position > 0 and free[position - 1][1] == free[position][0]:
+        free[position - 1][1] = free.pop(position)[1]
+    free[:] = [run for run in free if run[1] > run[0]]
 
 
 def balanced_batches(stream: Iterable[dict[str, torch.Tensor]], batch_size: int, samples_per_class: int,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import sys
 import types
 import typing
@@ -202,6 +203,35 @@ UPPER_BOUNDS: dict[str, float] = {
     "num_samples": 10_000, "max_concurrent": 10_000, "grace_period": 10_000, "grid_queries": 1000,
     "grid_k": 1000, "tsne_points": 10_000_000, "csv_rows": 100_000_000,
 }
+
+
+# Units a size setting (--cache-budget 512MB) may use: powers of 1024, as memory is counted.
+SIZE_UNITS: dict[str, int] = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40,
+                              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20,
+                              "G": 2**30, "T": 2**40}
+SIZE_LIMIT = 2**60  # far above any machine's memory: a size above it is a typo
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes of a size setting such as ``512MB``, ``4GB``, ``1.5GiB`` or ``0`` (KB/MB/GB/TB count in powers of
+    1024, like memory); anything else is one :class:`UserError` naming ``flag`` and showing what it takes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in SIZE_UNITS:
+        raise UserError(f"{flag} must be a size such as 512MB, 4GB or 0, got {text!r}")
+    value = float(match.group(1)) * SIZE_UNITS[unit]
+    if value > SIZE_LIMIT:
+        raise UserError(f"{flag} must be at most 1 EB, got {text!r}")
+    return int(value)
+
+
+def format_size(size: float) -> str:
+    """``size`` bytes as a person reads them, in the units :func:`parse_size` takes: ``3.1 MB``, ``512 MB``."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(size) < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" or size >= 100 else f"{size:.3g} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
 
 
 def check_upper_bound(name: str, value: float | None, bounds: Mapping[str, float] = UPPER_BOUNDS) -> None:

@@ -20,7 +20,7 @@ DEFAULT_BACKBONES = ("densenet121", "resnet50", "vgg16")
 PREPARE_SETTINGS = ("source", "val_fraction", "skip_bad_images", "max_side")
 # jobs.train's settings the pipeline passes through to every backbone's training (None: the preset's value);
 # tuned keys from a best.json win over them. Adding a training flag to the pipeline = adding its name here.
-TRAIN_SETTINGS = ("preset", "weights", "num_workers", "use_gpu", "precision", "augment_on", "gpus_per_worker",
+TRAIN_SETTINGS = ("preset", "weights", "num_workers", "use_gpu", "precision", "augment_on", "cache_budget", "gpus_per_worker",
                   "image_size", "embedding_dim", "epochs", "batch_size", "lr", "loss", "loss_params", "margin",
                   "miner", "train_per_class", "val_per_class", "patience", "mlflow")
 

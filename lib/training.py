@@ -20,7 +20,8 @@ import torch
 
 from lib.augment import AugmentSettings, augment_batch, normalize
 from lib.backbones import check_backbones
-from lib.config import check_ranges, from_dict, option, to_dict
+from lib.batching import StreamLayout
+from lib.config import check_ranges, from_dict, option, parse_size, to_dict
 from lib.devices import USE_GPU_HELP, UseGpu, gpu_share
 from lib.errors import UserError
 from lib.losses import (
@@ -65,6 +66,12 @@ BACKBONE_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
 }
 # Keys a tuning result (best.json) may set.
 HPARAM_KEYS = ("margin", "lr", "miner", "embedding_dim", "weight_decay", "loss")
+CACHE_BUDGET_HELP = ("memory a worker may fill with its train rows (--augment-on device): a shard that fits stays on "
+                     "the device, a larger one streams from Ray Data every epoch, with the same batches; a size "
+                     "(512MB, 4GB; 0 always streams) or auto: half the free GPU memory, or half the free RAM shared "
+                     "by the node's workers")
+# auto's share of the free memory: the rest is the network's, its activations' and Ray Data's
+CACHE_SHARE = 0.5
 METRIC = "val_map@5"  # the metric early stopping, checkpoint ranking and Tune all maximise
 METRIC_MODE = "max"
 
@@ -83,6 +90,7 @@ class TrainConfig:
     use_gpu: UseGpu = option("auto", help=USE_GPU_HELP)
     precision: Precision = option("auto", help=PRECISION_HELP)
     augment_on: AugmentOn = option("device", help=AUGMENT_ON_HELP)
+    cache_budget: str = option("auto", help=CACHE_BUDGET_HELP)
     gpus_per_worker: str = option("auto", help="GPU share of each worker: auto (GPUs / backbones when that is below 1, "
                                                "so several backbones train on one GPU) or a number in (0, 1]")
     image_size: int | None = option(None, help="input side in pixels: 32 native, 128/224 for ImageNet weights")
@@ -124,6 +132,8 @@ class TrainConfig:
         if self.samples_per_class is not None and self.samples_per_class < 2:
             raise UserError(f"--samples-per-class must be at least 2, got {self.samples_per_class}")
         gpu_share(self.gpus_per_worker)  # auto or a number in (0, 1]
+        if self.cache_budget != "auto":
+            parse_size(self.cache_budget, "--cache-budget")
 
     def resolve(self) -> TrainConfig:
         """This config with every ``None`` replaced from the preset and ``--hparams`` applied.
@@ -210,8 +220,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: in
 class WorkerContext:
     """What the driver hands each Ray Train worker of one run: the resolved config of one backbone,
     ``num_classes``, ``rows_per_worker`` (train rows in each worker's shard: the LR schedule's step count),
-    ``trainers_per_node`` (trainers sharing each machine's cores) and ``progress`` (the driver's progress board,
-    an actor handle, or None: the worker logs a line now and then instead).
+    ``trainers_per_node`` (trainers sharing each machine's cores), ``progress`` (the driver's progress board,
+    an actor handle, or None: the worker logs a line now and then instead), and for ``--augment-on device`` the
+    train split's ``train_units`` (its Parquet row groups, or slices of them, as ``(file, row group, first
+    row, rows)``: the workers' shards are drawn from them) and the stored ``image_shape`` (H, W, 3).
 
     It crosses into the worker as plain values (:meth:`as_loop_config`, Ray Train's ``train_loop_config``) and
     is rebuilt and checked there by :meth:`from_loop_config`, the worker's first line."""
@@ -221,10 +233,13 @@ class WorkerContext:
     rows_per_worker: int
     trainers_per_node: int = 1
     progress: Any = None
+    train_units: tuple[tuple[str, int, int, int], ...] = ()
+    image_shape: tuple[int, ...] = ()
 
     def as_loop_config(self) -> dict[str, Any]:
         return {"train": to_dict(self.train), "num_classes": self.num_classes, "rows_per_worker": self.rows_per_worker,
-                "trainers_per_node": self.trainers_per_node, "progress": self.progress}
+                "trainers_per_node": self.trainers_per_node, "progress": self.progress,
+                "train_units": [list(unit) for unit in self.train_units], "image_shape": list(self.image_shape)}
 
     @classmethod
     def from_loop_config(cls, config: dict[str, Any]) -> WorkerContext:
@@ -235,7 +250,10 @@ class WorkerContext:
             raise UserError(f"train_loop_config has keys {', '.join(sorted(config))}; expected {', '.join(names)}")
         train = from_dict(TrainConfig, config["train"], source="train_loop_config")
         return cls(train, int(config["num_classes"]), int(config["rows_per_worker"]),
-                   int(config["trainers_per_node"]), config["progress"])
+                   int(config["trainers_per_node"]), config["progress"],
+                   tuple((str(file), int(group), int(start), int(rows))
+                         for file, group, start, rows in config["train_units"]),
+                   tuple(int(side) for side in config["image_shape"]))
 
 
 @dataclass
@@ -359,6 +377,42 @@ def augmented_batches(images: torch.Tensor, labels: torch.Tensor, batch_index: n
     for rows in index:
         yield {"image": augment_batch(images.index_select(0, rows), settings, generator),
                "label": labels.index_select(0, rows)}
+
+
+def streamed_batches(batch_index: np.ndarray, labels: np.ndarray, unit_sizes: np.ndarray | list[int],
+                     layout: StreamLayout, arriving: Iterable[tuple[int, torch.Tensor]], image_shape: tuple[int, ...],
+                     settings: AugmentSettings, generator: torch.Generator, device: torch.device
+                     ) -> Iterator[dict[str, torch.Tensor]]:
+    """:func:`augmented_batches` of ``batch_index`` (steps, B) over rows that are never all in memory: the same
+    batches, pixel for pixel, from a buffer of ``layout.capacity`` rows on ``device``.
+
+    ``arriving`` yields ``(unit, images)`` in ``layout.read_order``: each unit's (rows, H, W, 3) uint8 images of
+    ``image_shape`` (pinned, on a GPU), as read from storage; ``labels`` (N,) are every row's, known beforehand
+    (the plan was made from them). A unit is copied into its places before its first step and stays there until
+    its last (:func:`lib.batching.stream_layout`)."""
+    starts = np.concatenate([[0], np.cumsum(np.asarray(unit_sizes, dtype=np.int64))[:-1]])
+    buffer = torch.empty((max(1, layout.capacity), *image_shape), dtype=torch.uint8, device=device)
+    slots = torch.as_tensor(layout.slot[batch_index], dtype=torch.long).to(device, non_blocking=True)
+    batch_labels = torch.as_tensor(np.asarray(labels)[batch_index], dtype=torch.long).to(device, non_blocking=True)
+    arriving, pending = iter(arriving), list(layout.read_order)[::-1]
+    for step, rows in enumerate(slots):
+        while pending and layout.first_step[pending[-1]] <= step:
+            unit, images = next(arriving)
+            if unit != pending[-1]:
+                raise RuntimeError(f"unit {unit} arrived where unit {pending[-1]} was due: the stream is out of order")
+            pending.pop()
+            place = int(layout.slot[starts[unit]])
+            buffer[place:place + len(images)].copy_(images, non_blocking=True)
+        yield {"image": augment_batch(buffer.index_select(0, rows), settings, generator), "label": batch_labels[step]}
+
+
+def cache_budget_bytes(setting: str, free_bytes: int, sharing: int = 1) -> int:
+    """The bytes of train rows a worker may keep in memory under ``--cache-budget`` ``setting``: its size, or for
+    ``auto`` :data:`CACHE_SHARE` of ``free_bytes`` (the device's free memory, or the node's free RAM) split
+    between the ``sharing`` workers that draw on it."""
+    if setting == "auto":
+        return int(CACHE_SHARE * free_bytes / max(1, sharing))
+    return parse_size(setting, "--cache-budget")
 
 
 def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:

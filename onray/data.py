@@ -18,6 +18,7 @@ import ray
 
 from lib.augment import AugmentSettings, augment_batch, resize_batch
 from lib.data.reader import SPLITS, PreparedData, table_ids, table_images
+from lib.data.units import RowGroup, read_unit
 from lib.parquet import read_parquet
 
 Shuffle = Literal["none", "blocks", "full"]
@@ -103,4 +104,34 @@ def _read_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         columns["image"].append(table_images(table))
         columns["label"].append(table.column("label").to_numpy())
         columns["split"].append(np.full(len(table), str(split), dtype=object))
+    return {key: np.concatenate(parts) for key, parts in columns.items()}
+
+
+# Read tasks of a streamed epoch ask for this share of a CPU: reading a row group is a fraction of the work the
+# training worker does with it, and a whole CPU each would queue them behind the Train workers on a small node.
+UNIT_READ_CPUS = 0.25
+
+
+def unit_dataset(units: list[RowGroup], order: list[int] | np.ndarray) -> ray.data.Dataset:
+    """``units[i]`` for ``i`` in ``order``, read by Ray Data tasks and handed over in that order: blocks of
+    ``{"unit": i, "image": (rows, H, W, 3) uint8 as stored, "label": int64}`` (a unit larger than a block comes
+    as several, in row order). What a training worker reads its shard through, once (cached) or every epoch
+    (streamed)."""
+    items = [{"unit": int(i), **dict(zip(("file", "row_group", "start", "rows"), units[int(i)].as_list(),
+                                         strict=True))} for i in order]
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+        _read_units, batch_size=1, batch_format="numpy", num_cpus=UNIT_READ_CPUS)
+    dataset.context.execution_options.preserve_order = True  # the worker needs each unit when its plan says
+    dataset.context.enable_progress_bars = False
+    return dataset
+
+
+def _read_units(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    columns: dict[str, list[np.ndarray]] = {"unit": [], "image": [], "label": []}
+    for unit, *where in zip(batch["unit"], batch["file"], batch["row_group"], batch["start"], batch["rows"],
+                            strict=True):
+        images, labels = read_unit(RowGroup.from_list(where))
+        columns["unit"].append(np.full(len(labels), int(unit), dtype=np.int64))
+        columns["image"].append(images)
+        columns["label"].append(labels)
     return {key: np.concatenate(parts) for key, parts in columns.items()}

@@ -5,18 +5,22 @@ and val mAP@5 over the whole val split, then a report to Ray Train with rank 0's
 group resumes from the last checkpoint (network, objective with its proxies, optimiser, schedule, history).
 What trains is :func:`lib.training.build_training`'s, the same as the train benchmark's plain loop.
 
-With ``augment_on="device"`` (the default) the shard carries the stored images: the worker gathers its
-rows onto its device once, then each epoch picks P x K batches of them by index and augments (and resizes)
-them there; the val split is resized there once. With ``"data"`` Ray Data's map tasks augment on CPUs and the worker
-re-batches the stream. Per-step statistics stay on the device and are read once per epoch.
+With ``augment_on="device"`` (the default) the worker reads its share of the train split's row groups as stored
+through Ray Data, onto its device once when they fit ``--cache-budget``, else streamed every epoch into a buffer
+of the row groups due (the same batches either way); each epoch picks P x K batches by index and augments (and
+resizes) them there; the val split is resized there once. With ``"data"`` Ray Data's map tasks augment on CPUs
+and the worker re-batches the stream. Per-step statistics stay on the device and are read once per epoch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import queue
+import resource
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from lib.augment import AugmentSettings, fresh_generator, normalize, resize_batch
-from lib.batching import balanced_batches, epoch_batches
+from lib.batching import balanced_batches, epoch_batches, stream_layout
 from lib.checkpoints import (
     checkpoint_name,
     checkpoint_problem,
@@ -37,8 +41,10 @@ from lib.checkpoints import (
     publish_checkpoint,
     write_checkpoint,
 )
+from lib.config import format_size
 from lib.console import log
-from lib.devices import available_cpus, cuda_unusable_reason
+from lib.data.units import RowGroup, read_unit_labels, units_of_rank
+from lib.devices import available_cpus, cuda_unusable_reason, gpu_share
 from lib.errors import disk_error
 from lib.losses import COLLAPSE_SPREAD
 from lib.paths import RunPaths
@@ -51,13 +57,18 @@ from lib.training import (
     augmented_batches,
     best_epoch,
     build_training,
+    cache_budget_bytes,
     epoch_metrics,
+    streamed_batches,
     train_epoch,
     val_retrieval_metrics,
 )
+from onray.data import unit_dataset
 from onray.progress import StepReporter
 
 PROGRESS_EVERY_S = 30.0
+# Units (row groups) Ray Data reads ahead of a streamed epoch's need: enough to hide a read behind the steps
+STREAM_PREFETCH_UNITS = 2
 
 
 def _world() -> tuple[int, int]:
@@ -85,6 +96,13 @@ def _sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
     if _world()[1] > 1:
         dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def _most_across_ranks(value: float, device: torch.device) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    if _world()[1] > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
 
 
 def _fewest_across_ranks(count: int, device: torch.device) -> int:
@@ -117,7 +135,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
                               wrap=ray.train.torch.prepare_model)
     val = _val_split(cfg, device)
     history, resumed_from = _resume_or_start(training, val, cfg, device, rank)
-    batches = EpochBatches(cfg, training, device, rank)
+    batches = EpochBatches(context, training, device, rank, world)
+    data_mode = "streamed" if _most_across_ranks(float(batches.streamed), device) else (
+        "cached" if cfg.augment_on == "device" else "ray_data")
     # rank 0's position goes to the driver's progress bars when it gave a board (jobs.train); else a line now and then
     reporter = StepReporter(context.progress if rank == 0 else None, cfg.backbone, cfg.epochs,
                             training.steps_per_epoch, cfg.batch_size * world)
@@ -129,6 +149,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
                              training.scheduler, device, training.bf16,
                              on_step=_progress(cfg, reporter, epoch, training.steps_per_epoch, rank))
         seconds = time.perf_counter() - started
+        if epoch < cfg.epochs:
+            batches.start(epoch + 1)  # a streamed epoch starts reading while this one is evaluated
         reporter.step(epoch, training.steps_per_epoch, force=True)
         totals = dict(zip(totals, _sum_across_ranks(list(totals.values()), device), strict=True))
         if totals["steps"] == 0:
@@ -137,8 +159,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
         row = {"epoch": epoch, **epoch_metrics(totals, training.objective), "lr": training.scheduler.get_last_lr()[0],
                "steps": int(totals["steps"] / world), "images_per_s": totals["images"] / seconds,
                "epoch_seconds": seconds, **evaluate(training, val, device)}
-        if device.type == "cuda":
-            row["gpu_peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+        # which way the rows came and the most memory any worker held: flat in the shard's size when streamed
+        row["data_mode"] = data_mode
+        row["gpu_peak_memory_gb" if device.type == "cuda" else "peak_rss_gb"] = _most_across_ranks(
+            peak_memory_gb(device), device)
+        if data_mode == "streamed":  # every rank takes part (a rank within its budget held no buffer)
+            row["stream_buffer_gb"] = round(_most_across_ranks(batches.held_bytes, device) / 2 ** 30, 6)
         if resumed_from is not None:  # the first epoch after a restart or a rerun says so in the metrics
             row["resumed_from"], resumed_from = resumed_from, None
         history.append(row)
@@ -160,6 +186,7 @@ def epoch_line(cfg: TrainConfig, row: dict[str, Any], objective_metrics: dict[st
     return (f"{cfg.backbone} epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f} "
             f"(val {row['val_loss']:.4f}), val mAP@5 {row[METRIC]:.3f} P@5 {row['val_p@5']:.3f}{own}, "
             f"spread {row['spread']:.3f}, {row['images_per_s']:.0f} img/s"
+            + (" (streamed)" if row.get("data_mode") == "streamed" else "")
             + (" - embeddings collapsed: lower --lr or change --loss (or --miner)" if collapsed else "")
             + (f" - early stop: no better val mAP@5 for {cfg.patience} epochs" if stop else ""))
 
@@ -241,28 +268,139 @@ def _local_path(filesystem, path: str) -> Path | None:
 class EpochBatches:
     """``batches(epoch)``: this worker's P x K training batches of one epoch, equally many on every rank.
 
-    With ``augment_on="device"`` the shard's rows as stored are gathered from Ray Data once, onto the device:
-    every epoch draws new P x K batches and new views of them there, with no Ray Data step inside an epoch.
+    With ``augment_on="device"`` the worker reads its shard (every ``world``-th row group of the train split,
+    :func:`lib.data.units.units_of_rank`) through Ray Data as stored and plans each epoch's batches from its
+    labels (:func:`lib.batching.epoch_batches` over those units). A shard within the cache budget
+    (``--cache-budget``) is read once onto the device; a larger one is streamed: each epoch reads the units in the
+    order its batches need them into a buffer that holds only the units due (:func:`lib.training.streamed_batches`).
+    Either way a seed gives the same batches, pixel for pixel, and each batch is augmented on the device.
     With ``"data"`` each epoch re-batches Ray Data's augmented stream."""
 
-    def __init__(self, cfg: TrainConfig, training: Training, device: torch.device, rank: int):
-        self.cfg, self.training, self.device, self.rank = cfg, training, device, rank
-        self.shard = ray.train.get_dataset_shard("train")
+    def __init__(self, context: WorkerContext, training: Training, device: torch.device, rank: int, world: int):
+        self.cfg, self.training, self.device, self.rank = context.train, training, device, rank
         self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.streamed, self.held_bytes = False, 0
+        self.started: tuple[int, Iterable[dict[str, torch.Tensor]]] | None = None  # start()'s epoch and batches
+        if self.cfg.augment_on != "device":
+            self.shard = ray.train.get_dataset_shard("train")
+            return
+        self.units = units_of_rank([RowGroup.from_list(u) for u in context.train_units], rank, world)
+        self.unit_sizes = np.asarray([unit.rows for unit in self.units], dtype=np.int64)
+        self.labels = read_unit_labels(self.units)
+        self.image_shape = tuple(context.image_shape)
+        row_bytes = int(np.prod(self.image_shape))
+        shard_bytes = len(self.labels) * row_bytes
+        budget = cache_budget_bytes(self.cfg.cache_budget, *_free_memory(device, context))
+        self.streamed = shard_bytes > budget
+        if rank == 0:
+            log(f"{self.cfg.backbone}: {len(self.labels):,} train rows a worker ({format_size(shard_bytes)} as stored) "
+                f"{'over' if self.streamed else 'within'} the cache budget {format_size(budget)}: "
+                + ("streamed from Ray Data every epoch" if self.streamed else f"kept on the {device.type}"))
+
+    def start(self, epoch: int) -> None:
+        """Plan ``epoch`` now and, streamed, start reading its first row groups: called on every rank as the
+        previous epoch's steps end, so Ray Data's start-up and first reads overlap the val pass and checkpoint
+        instead of holding up the epoch's first step. Every rank plans (the plan agrees on the step count with the
+        others), cached or streamed; Ray Data epochs (``--augment-on data``) start when called."""
+        if self.cfg.augment_on == "device":
+            self.started = (epoch, self(epoch))
 
     def __call__(self, epoch: int) -> Iterable[dict[str, torch.Tensor]]:
+        started, self.started = self.started, None
+        if started is not None and started[0] == epoch:
+            return started[1]
         cfg, k, steps_per_epoch = self.cfg, self.training.samples_per_class, self.training.steps_per_epoch
         seed = cfg.seed * 1000 + epoch * 10 + self.rank
-        if cfg.augment_on == "device":
-            stored, labels = self.rows = self.rows or whole_shard(self.shard, self.device)
-            index = epoch_batches(labels, cfg.batch_size, k, seed=seed)
-            steps = _fewest_across_ranks(min(len(index), steps_per_epoch), self.device)  # DDP: equal step counts
-            return augmented_batches(stored, labels, index[:steps], AugmentSettings(image_size=cfg.image_size),
-                                     fresh_generator(seed, self.device))
-        stream = self.shard.iter_torch_batches(batch_size=cfg.batch_size, device="cpu", prefetch_batches=2,
-                                               local_shuffle_buffer_size=4 * cfg.batch_size)
-        return _all_have_batches(balanced_batches(stream, cfg.batch_size, k, seed=seed, max_steps=steps_per_epoch),
-                                 self.device)
+        if cfg.augment_on != "device":
+            stream = self.shard.iter_torch_batches(batch_size=cfg.batch_size, device="cpu", prefetch_batches=2,
+                                                   local_shuffle_buffer_size=4 * cfg.batch_size)
+            return _all_have_batches(balanced_batches(stream, cfg.batch_size, k, seed=seed,
+                                                      max_steps=steps_per_epoch), self.device)
+        index = epoch_batches(self.labels, cfg.batch_size, k, seed=seed, unit_sizes=self.unit_sizes)
+        steps = _fewest_across_ranks(min(len(index), steps_per_epoch), self.device)  # DDP: equal step counts
+        index, settings, generator = index[:steps], AugmentSettings(image_size=cfg.image_size), fresh_generator(
+            seed, self.device)
+        if not self.streamed:
+            stored, labels = self.rows = self.rows or self._read_whole_shard()
+            return augmented_batches(stored, labels, index, settings, generator)
+        layout = stream_layout(index, self.unit_sizes)
+        self.held_bytes = max(self.held_bytes, layout.capacity * int(np.prod(self.image_shape)))
+        arriving = _read_ahead(self._arriving(layout.read_order))
+        return streamed_batches(index, self.labels, self.unit_sizes, layout, arriving, self.image_shape, settings,
+                                generator, self.device)
+
+    def _arriving(self, order: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(unit, images)`` of ``self.units[order]``, read by Ray Data a few units ahead, each unit whole and
+        (on a GPU) in pinned memory so that its copy to the device does not hold up the host."""
+        pieces: list[np.ndarray] = []
+        for block in unit_dataset(self.units, order).iter_batches(batch_size=None, batch_format="numpy",
+                                                                  prefetch_batches=STREAM_PREFETCH_UNITS):
+            # a block is one unit, part of one (Ray Data splits large blocks) or, were it to merge them, several
+            units = block["unit"]
+            bounds = np.flatnonzero(np.diff(units)) + 1
+            for start, stop in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(units)]]), strict=True):
+                unit = int(units[start])
+                pieces.append(block["image"][start:stop])
+                if sum(len(piece) for piece in pieces) < self.unit_sizes[unit]:
+                    continue  # the rest of this unit follows in the next block
+                images = torch.from_numpy(np.concatenate(pieces) if len(pieces) > 1 else np.array(pieces[0]))
+                pieces = []
+                yield unit, images.pin_memory() if self.device.type == "cuda" else images
+
+    def _read_whole_shard(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shard's rows as stored and (N,) labels on the device, read once, units in order."""
+        parts = [images for _, images in self._arriving(np.arange(len(self.units)))]
+        if not parts:
+            return (torch.zeros((0, *self.image_shape), dtype=torch.uint8, device=self.device),
+                    torch.zeros(0, dtype=torch.long, device=self.device))
+        images = torch.cat(parts)
+        if self.device.type == "cuda":
+            images = images.pin_memory()
+        return images.to(self.device, non_blocking=True), torch.from_numpy(self.labels).to(self.device)
+
+
+def _read_ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """``items``, pulled by a thread from the start, ``depth`` ahead of the consumer: a streamed epoch's first row
+    groups are read while the worker still evaluates the previous epoch. An error in the thread is raised here."""
+    handed: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def pull() -> None:
+        try:
+            for item in items:
+                handed.put(item)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            handed.put(err)
+        handed.put(done)
+
+    def drain() -> Iterator[Any]:
+        while (item := handed.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    threading.Thread(target=pull, daemon=True, name="stream-read-ahead").start()  # now, not at the first item
+    return drain()
+
+
+def _free_memory(device: torch.device, context: WorkerContext) -> tuple[int, int]:
+    """(free bytes, workers drawing on them) for ``--cache-budget auto``: the GPU's free memory and the workers
+    sharing the GPU, or the node's available RAM and the training workers on the node."""
+    if device.type == "cuda":
+        share = gpu_share(context.train.gpus_per_worker) or 1.0
+        return torch.cuda.mem_get_info(device)[0], max(1, round(1 / share))
+    import psutil
+
+    sharing = ray.train.get_context().get_local_world_size() * context.trainers_per_node
+    return psutil.virtual_memory().available, sharing
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """This worker's peak memory so far, in GiB: the most the GPU's allocator held, or the process's peak resident
+    set on a CPU (what a cached shard or a streamed epoch's buffer adds to shows up in either)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30, 3)  # Linux: KiB
 
 
 def _progress(cfg: TrainConfig, reporter: StepReporter, epoch: int, steps_per_epoch: int, rank: int

@@ -29,6 +29,7 @@ from lib.config import from_dict, to_dict
 from lib.console import detail, log
 from lib.data.reader import PreparedData
 from lib.data.subsets import per_class_subset, write_subset
+from lib.data.units import row_groups
 from lib.devices import gpu_share
 from lib.errors import UserError, WorkFailed, disk_error, failure_reason
 from lib.io import atomic_copy, atomic_open, ensure_writable_dir, write_json
@@ -49,7 +50,7 @@ from onray.runtime import check_cluster_paths, check_shared_storage, init_ray, o
 from onray.train_loop import train_loop_per_worker
 
 # Settings that do not change what a training run computes: a rerun that differs only in them is the same run.
-NOT_RESULT_KEYS = ("max_failures", "inject_failure", "storage", "gpus_per_worker", "mlflow")
+NOT_RESULT_KEYS = ("max_failures", "inject_failure", "storage", "gpus_per_worker", "mlflow", "cache_budget")
 # Where the files are, not what trains: a RUN copied or moved elsewhere (or its DATA) is the same run. What the
 # data is counts instead, by the fingerprint of DATA's manifest (:func:`run_identity`).
 LOCATION_KEYS = ("run_dir", "data_dir")
@@ -144,17 +145,24 @@ def build_trainer(cfg: TrainConfig, use_gpu: bool, num_classes: int, trainers_pe
     if rows // cfg.num_workers < cfg.batch_size:
         raise UserError(f"{rows} train images give each of {cfg.num_workers} workers fewer than "
                         f"--batch-size {cfg.batch_size}: lower --batch-size or --num-workers")
-    for split, augment in (("train", True), ("val", False)):
+    # augmenting on the device, the workers read their train rows themselves, row group by row group (cached or
+    # streamed, onray.train_loop.EpochBatches); Ray Data's map tasks augment them otherwise
+    splits = (("train", True), ("val", False)) if cfg.augment_on == "data" else (("val", False),)
+    for split, augment in splits:
         subset = subsets.of(split)
         files = list(subset.files) if subset else None
         datasets[split] = augmented_dataset(data, split, settings, augment=augment, files=files,
                                             shuffle="blocks" if augment else "none",
                                             stored=cfg.augment_on == "device")
+    units = ()
+    if cfg.augment_on == "device":
+        units = tuple(tuple(unit.as_list()) for unit in row_groups(
+            list(subsets.train.files) if subsets.train else data.files("train"), cfg.num_workers))
     resources = {"CPU": 1, "GPU": gpu_share(cfg.gpus_per_worker) or 1} if use_gpu else {"CPU": 1}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=WorkerContext(cfg, num_classes, rows // cfg.num_workers, trainers_per_node,
-                                        progress).as_loop_config(),
+                                        progress, units, data.image_shape).as_loop_config(),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage, callbacks=callbacks,
@@ -261,11 +269,24 @@ def write_outputs(cfg: TrainConfig, result, seconds: float) -> dict[str, Any]:
                "best": {k: best_row[k] for k in (METRIC, "val_p@5", "val_loss", "train_loss")},
                # every epoch's time, those before a resume included; this run's wall time beside it
                "train_seconds": round(sum(row.get("epoch_seconds", 0.0) for row in history), 1),
-               "wall_seconds_this_run": round(seconds, 1), "checkpoint": best_checkpoint.path, "config": to_dict(cfg),
-               "identity": run_identity(cfg)}
+               "wall_seconds_this_run": round(seconds, 1), "checkpoint": best_checkpoint.path,
+               "train_data": train_data_summary(history), "config": to_dict(cfg), "identity": run_identity(cfg)}
     write_json(out / "summary.json", summary)
     log(f"{cfg.backbone}: best val mAP@5 {best_row[METRIC]:.3f} at epoch {best_row['epoch']} "
         f"(untrained {history[0][METRIC]:.3f}) -> {out}")
+    return summary
+
+
+def train_data_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the train rows reached the workers (``mode``: cached, streamed or ray_data) and the most memory a
+    worker held in any epoch: ``peak_rss_gb`` on CPUs, ``gpu_peak_memory_gb`` on GPUs, and for a streamed run
+    its epochs' largest buffer, ``stream_buffer_gb``."""
+    trained = [row for row in history if row.get("epoch", 0) >= 1]
+    summary: dict[str, Any] = {"mode": trained[-1].get("data_mode") if trained else None}
+    for key in ("peak_rss_gb", "gpu_peak_memory_gb", "stream_buffer_gb"):
+        values = [row[key] for row in trained if key in row]
+        if values:
+            summary[key] = max(values)
     return summary
 
 

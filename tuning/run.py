@@ -31,8 +31,9 @@ from tuning.spaces import fixed_values, load_space, preset_space, sample_trials,
 # jobs.train's settings a tune passes to every trial, as jobs.train declares them (None: the tune preset's
 # value, else the training preset's). Adding a training flag to jobs.tune = adding its name here.
 # A searched key (the space's margin, lr, loss, ...) wins over the value given here.
-TRAIN_SETTINGS = ("data_dir", "preset", "weights", "num_workers", "use_gpu", "precision", "augment_on", "image_size",
-                  "batch_size", "epochs", "loss", "loss_params", "train_per_class", "val_per_class", "mlflow")
+TRAIN_SETTINGS = ("data_dir", "preset", "weights", "num_workers", "use_gpu", "precision", "augment_on", "cache_budget",
+                  "image_size", "batch_size", "epochs", "loss", "loss_params", "train_per_class", "val_per_class",
+                  "mlflow")
 # Of those, the ones that size the trials: the pipeline's tune stage leaves them to the tune preset.
 TRIAL_SIZES = ("epochs", "train_per_class", "val_per_class")
 

@@ -20,6 +20,10 @@ from lib.data.reader import PreparedData
 from lib.parquet import read_parquet, write_parquet
 from lib.sources.picking import stable_hash
 
+# Rows per Parquet row group of a subset file: a training worker reads (and a streamed epoch holds) whole row
+# groups, so they stay as small as jobs.prepare's files (onray.prepare.ROWS_PER_BLOCK)
+SUBSET_ROW_GROUP_ROWS = 2500
+
 
 def per_class_subset(ids: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     """Ids of ``per_class`` images of every class (all when 0 or when a class has fewer), chosen by seed;
@@ -57,7 +61,7 @@ def write_subset(data: PreparedData, split: str, ids: np.ndarray, folder: str | 
             subset = pa.concat_tables(tables)
             bounds = np.linspace(0, len(subset), len(names) + 1).astype(int)
             for name, start, stop in zip(names, bounds[:-1], bounds[1:], strict=True):
-                write_parquet(subset.slice(start, stop - start), staged / name)
+                write_parquet(subset.slice(start, stop - start), staged / name, row_group_size=SUBSET_ROW_GROUP_ROWS)
             try:
                 os.rename(staged, folder)
             except OSError:  # another writer finished first (or a partial folder is in the way)

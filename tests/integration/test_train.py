@@ -84,6 +84,22 @@ def test_one_failing_backbone_spares_the_other_and_a_rerun_resumes_it(data_dir, 
     assert summary["config"]["augment_on"] == "data"
 
 
+def test_a_shard_over_its_cache_budget_streams_the_cached_runs_first_epoch(data_dir, tmp_path):
+    # two DDP workers, each over its own row groups: the same seed must train on the same batches either way
+    args = ("--backbones", "resnet50", "--num-workers", "2", "--epochs", "1")
+    assert smoke(data_dir, tmp_path / "cached", *args) == 0
+    assert smoke(data_dir, tmp_path / "streamed", *args, "--cache-budget", "0") == 0
+    [cached], [streamed] = history(tmp_path / "cached", "resnet50")[1:], history(tmp_path / "streamed", "resnet50")[1:]
+    assert (cached["data_mode"], streamed["data_mode"]) == ("cached", "streamed")
+    assert streamed["steps"] == cached["steps"] >= 2
+    for key in ("train_loss", "active_fraction", "spread", "val_loss", "val_map@5"):  # same batches, same pixels
+        assert streamed[key] == pytest.approx(cached[key], rel=1e-5, abs=1e-7), key
+    summary = json.loads((tmp_path / "streamed" / "models" / "resnet50" / "summary.json").read_text())
+    data = summary["train_data"]
+    assert data["mode"] == "streamed" and 0.05 < data["peak_rss_gb"] < 64
+    assert 0 < data["stream_buffer_gb"] * 2**30 < 200 * 32 * 32 * 3  # a few row groups of a worker's ~200 rows
+
+
 def test_offline_imagenet_weights_fail_with_one_line(data_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
