@@ -14,7 +14,7 @@ from pathlib import Path
 
 from jobs.cli import command_line, run_job
 from lib.evaluation import OUTPUTS, EvaluateConfig
-from onray.evaluate import evaluate_run
+from onray.evaluate import dry_run, evaluate_run
 
 __all__ = ["OUTPUTS", "EvaluateConfig", "cli", "main"]
 
@@ -26,7 +26,7 @@ def main(cfg: EvaluateConfig) -> Path:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_job(main, EvaluateConfig, argv, prog="jobs.evaluate")
+    return run_job(main, EvaluateConfig, argv, prog="jobs.evaluate", dry_run=dry_run)
 
 
 if __name__ == "__main__":

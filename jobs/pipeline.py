@@ -17,9 +17,9 @@ from pathlib import Path
 
 from jobs.cli import command_line, run_job
 from lib.pipeline import PipelineConfig
-from onray.pipeline import run_pipeline
+from onray.pipeline import dry_run, run_pipeline
 from onray.trainer import BackboneFailed
-from tuning.run import TuneFailed, tune_pipeline_backbone
+from tuning.run import TuneFailed, dry_run_pipeline_backbone, tune_pipeline_backbone
 
 __all__ = ["PipelineConfig", "cli", "main"]
 
@@ -30,7 +30,8 @@ def main(cfg: PipelineConfig) -> Path:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_job(main, PipelineConfig, argv, prog="jobs.pipeline", failures=(BackboneFailed, TuneFailed))
+    return run_job(main, PipelineConfig, argv, prog="jobs.pipeline", failures=(BackboneFailed, TuneFailed),
+                   dry_run=lambda cfg: dry_run(cfg, tune_plan=dry_run_pipeline_backbone))
 
 
 if __name__ == "__main__":

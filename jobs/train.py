@@ -17,7 +17,7 @@ import sys
 from jobs.cli import command_line, run_job
 from lib.paths import RunPaths
 from lib.training import METRIC, TrainConfig
-from onray.trainer import BackboneFailed, train_backbones
+from onray.trainer import BackboneFailed, dry_run, train_backbones
 
 
 def main(cfg: TrainConfig) -> None:
@@ -44,7 +44,7 @@ def print_table(cfg: TrainConfig) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_job(main, TrainConfig, argv, prog="jobs.train", failures=(BackboneFailed,))
+    return run_job(main, TrainConfig, argv, prog="jobs.train", failures=(BackboneFailed,), dry_run=dry_run)
 
 
 if __name__ == "__main__":
