@@ -178,8 +178,12 @@ def plan_actor_pool(use_gpu: str, num_actors: int = 0) -> tuple[ActorPlan, Clust
     if on_gpu:
         return plan_gpu_actors(shape, num_actors), shape
     here = ray.util.get_node_ip_address()
-    cpu_nodes = [(int(node["Resources"].get("CPU", 0)), available_cpus() if node["NodeManagerAddress"] == here else None)
-                 for node in alive_nodes() if node["Resources"].get("CPU", 0) >= 1]
+    nodes = [node for node in alive_nodes() if node["Resources"].get("CPU", 0) >= 1]
+    # nodes at this driver's address share its machine's cores (a simulated cluster's nodes all do)
+    local = sum(node["NodeManagerAddress"] == here for node in nodes)
+    cores = max(1, available_cpus() // max(1, local))
+    cpu_nodes = [(int(node["Resources"]["CPU"]), cores if node["NodeManagerAddress"] == here else None)
+                 for node in nodes]
     return plan_actors(False, 0, cpu_nodes, num_actors), shape
 
 

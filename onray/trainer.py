@@ -294,7 +294,8 @@ def describe_training(job: str, given: TrainConfig, planned: TrainPlan, shape: C
     it is prepared; None: not yet, as in a pipeline's dry run)."""
     configs = [given.for_backbone(bb).resolve() for bb in given.backbones]
     rows = train_rows(configs[0], data) if data else None
-    steps = [planned_steps(rows // planned.workers_of(i), len(data.classes), c.batch_size, c.samples_per_class)
+    # the training's own count (lib.training.build_training): at least one step
+    steps = [max(1, planned_steps(rows // planned.workers_of(i), len(data.classes), c.batch_size, c.samples_per_class))
              if data else None for i, c in enumerate(configs)]
     notes = () if data else (f"images per epoch: {configs[0].train_per_class or 'all'} per class of the prepared "
                              f"train split (not prepared yet)",)

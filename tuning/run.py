@@ -187,8 +187,8 @@ def dry_run(cfg: TuneJobConfig, unprepared_ok: bool = False):
     samples = cfg.num_samples or preset["num_samples"]
     concurrent = min(cfg.max_concurrent or trials.concurrent, trials.concurrent, samples)
     rows = train_rows(base, data) if data else None
-    steps = planned_steps(rows // base.num_workers, len(data.classes), base.batch_size,
-                          base.samples_per_class) if data else None
+    steps = max(1, planned_steps(rows // base.num_workers, len(data.classes), base.batch_size,
+                                 base.samples_per_class)) if data else None
     names = [f"trial {i + 1}" for i in range(concurrent)]
     wave = dataclasses.replace(trials, concurrent=concurrent, placements=trials.placements[:concurrent])
     return training_job_plan("jobs.tune", names, wave, cluster, cluster.gpus, [base.epochs] * concurrent, [base.batch_size] * concurrent, rows,
