@@ -211,3 +211,18 @@ def test_embedding_actor_pools_over_cluster_shapes(on_gpu, gpus, nodes, num_acto
     plan = plan_actors(on_gpu, gpus, nodes, num_actors)
     assert plan == expected
     assert (plan.gpus_per_actor, plan.cpus_per_actor) == ((1, 1) if on_gpu else (0, 1))
+
+
+@pytest.mark.parametrize("job", ["train", "tune", "evaluate", "pipeline"])
+def test_the_planning_jobs_offer_dry_run_and_json_alone_is_refused(job, capsys):
+    import importlib
+
+    module = importlib.import_module(f"jobs.{job}")
+    with pytest.raises(SystemExit):
+        module.cli(["--help"])
+    text = capsys.readouterr().out
+    assert "--dry-run" in text and "--json" in text
+    required = {"train": ["--data-dir", "/d", "--run-dir", "/r"], "tune": ["--data-dir", "/d", "--run-dir", "/r"],
+                "evaluate": ["--data-dir", "/d", "--run-dir", "/r"], "pipeline": ["--source", "cifar10", "--run-dir", "/r"]}
+    assert module.cli([*required[job], "--json"]) == 2  # refused before any Ray starts
+    assert "--json goes with --dry-run" in capsys.readouterr().err
