@@ -4,13 +4,14 @@ and :func:`run_job`, which every job's ``cli`` runs: parse the flags, call ``mai
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from lib import console as lib_console
-from lib.config import parse_config
+from lib.config import parse_job_command_line
 from lib.errors import (
     EXIT_ENVIRONMENT,
     EXIT_USER_ERROR,
@@ -23,6 +24,13 @@ from lib.paths import RunPaths
 from onray.ray_lines import routine_ray_line
 
 C = TypeVar("C")
+
+# The switches of the jobs that can show their plan instead of running (``run_job(..., dry_run=...)``).
+DRY_RUN_SWITCHES = {
+    "dry_run": "attach to or start Ray, print the plan (workers, GPU shares, nodes, what runs at once, what the "
+               "autoscaler would be asked for) and exit: nothing runs, nothing is written into RUN, nothing is asked for",
+    "json": "with --dry-run: the plan as one JSON object on stdout",
+}
 
 # stage name -> (module, one-line purpose); a module provides ``cli(argv) -> int``.
 STAGES = {
@@ -39,10 +47,14 @@ STAGES = {
 
 
 def run_job(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] | None, prog: str,
-            failures: tuple[type[Exception], ...] = (), console: bool = True) -> int:
+            failures: tuple[type[Exception], ...] = (), console: bool = True,
+            dry_run: Callable[[C], Any] | None = None) -> int:
     """Parse ``argv`` into ``config_cls`` and run ``main``: a :class:`UserError` becomes one line and exit 2,
     an :class:`EnvironmentProblem` one line and exit 3, a :class:`lib.errors.WorkFailed` or one of ``failures``
     (the work ran but some of it failed) one line and exit 1.
+
+    ``dry_run``: the job's plan (a :class:`lib.planning.JobPlan` of the config), which ``--dry-run`` prints instead of
+    running ``main`` (``--json``: its ``document()`` as one JSON object on stdout); the log then stays out of RUN.
 
     ``console``: when run from the command line (:func:`command_line`), route the terminal for a Ray job
     (:func:`lib.console.start`): Ray's own routine lines (:func:`onray.ray_lines.routine_ray_line`) go to the job's
@@ -55,7 +67,15 @@ def run_job(main: Callable[[C], Any], config_cls: type[C], argv: Sequence[str] |
                           verbose="--verbose" in argv or bool(os.environ.get("CIFAR_EMBED_VERBOSE")),
                           log_only=routine_ray_line)
     try:
-        config = parse_config(config_cls, argv, prog=prog)
+        config, switches = parse_job_command_line(config_cls, argv, prog=prog,
+                                                  modes=DRY_RUN_SWITCHES if dry_run else None)
+        if switches.get("json") and not switches.get("dry_run"):
+            raise UserError("--json goes with --dry-run (the plan as JSON)")
+        if dry_run and switches.get("dry_run"):
+            plan = dry_run(config)
+            print(json.dumps(plan.document()) if switches.get("json") else plan.text(), end="\n" if switches.get(
+                "json") else "", flush=True)
+            return 0
         if getattr(config, "run_dir", None):
             lib_console.use_log_dir(RunPaths.of(config.run_dir).logs)
         main(config)

@@ -26,8 +26,15 @@ def main(cfg: EvaluateConfig) -> Path:
     return out
 
 
+def plan(cfg: EvaluateConfig):
+    """The embedding actors' plan that ``--dry-run`` prints."""
+    from onray.evaluate import dry_run
+
+    return dry_run(cfg)
+
+
 def cli(argv: list[str] | None = None) -> int:
-    return run_job(main, EvaluateConfig, argv, prog="jobs.evaluate")
+    return run_job(main, EvaluateConfig, argv, prog="jobs.evaluate", dry_run=plan)
 
 
 if __name__ == "__main__":

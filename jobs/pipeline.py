@@ -29,8 +29,16 @@ def main(cfg: PipelineConfig) -> Path:
     return run_pipeline(cfg, tune_backbone=tune_pipeline_backbone)
 
 
+def plan(cfg: PipelineConfig):
+    """Every stage's plan that ``--dry-run`` prints."""
+    from onray.pipeline import dry_run
+    from tuning.run import dry_run_pipeline_backbone
+
+    return dry_run(cfg, tune_plan=dry_run_pipeline_backbone)
+
+
 def cli(argv: list[str] | None = None) -> int:
-    return run_job(main, PipelineConfig, argv, prog="jobs.pipeline")
+    return run_job(main, PipelineConfig, argv, prog="jobs.pipeline", dry_run=plan)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,15 @@ def print_table(cfg: TrainConfig) -> None:
               f"{s['untrained']['val_p@5']:.3f} | {s['best']['val_p@5']:.3f} | {s['train_seconds'] / 60:.1f} |")
 
 
+def plan(cfg: TrainConfig):
+    """The training plan that ``--dry-run`` prints."""
+    from onray.trainer import dry_run
+
+    return dry_run(cfg)
+
+
 def cli(argv: list[str] | None = None) -> int:
-    return run_job(main, TrainConfig, argv, prog="jobs.train")
+    return run_job(main, TrainConfig, argv, prog="jobs.train", dry_run=plan)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from jobs.cli import command_line, run_job
-from tuning.run import TuneJobConfig, tune_backbone
+from tuning.run import TuneJobConfig, dry_run, tune_backbone
 
 __all__ = ["TuneJobConfig", "cli", "main"]
 
@@ -24,7 +24,7 @@ def main(cfg: TuneJobConfig) -> Path:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_job(main, TuneJobConfig, argv, prog="jobs.tune")
+    return run_job(main, TuneJobConfig, argv, prog="jobs.tune", dry_run=dry_run)
 
 
 if __name__ == "__main__":

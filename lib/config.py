@@ -309,14 +309,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per field of ``cls`` plus ``--config``."""
+def build_parser(cls: type, prog: str, description: str | None = None,
+                 modes: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of ``cls`` plus ``--config``, ``--verbose`` and the switches
+    ``modes`` names (name -> help: how the job runs, not what it computes, so never a config field)."""
     parser = _Parser(prog=prog, description=description or (cls.__doc__ or "").strip().split("\n\n")[0],
                      formatter_class=_HelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="YAML file of defaults (keys = the flags below); flags override it")
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's own log lines on the terminal too (they always go to the job's log file)")
+    for name, text in (modes or {}).items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=f"mode:{name}", action="store_true", help=text)
     hints = _field_types(cls)
     groups: dict[str, argparse._ArgumentGroup] = {}  # fields_from's fields, under their heading
     for f in dataclasses.fields(cls):
@@ -378,6 +382,13 @@ def _add_nested_flags(parser: argparse.ArgumentParser, outer: dataclasses.Field,
 
 def parse_config(cls: type[C], argv: Sequence[str] | None = None, prog: str | None = None) -> C:
     """Parse ``argv`` into ``cls``: dataclass defaults < ``--config`` YAML < flags."""
+    return parse_job_command_line(cls, argv, prog)[0]
+
+
+def parse_job_command_line(cls: type[C], argv: Sequence[str] | None = None, prog: str | None = None,
+                           modes: dict[str, str] | None = None) -> tuple[C, dict[str, bool]]:
+    """:func:`parse_config`, with the switches ``modes`` names (:func:`build_parser`) as well: returns the config
+    and each switch's value."""
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or cls.__name__
     pre = _Parser(prog=prog, add_help=False)
@@ -394,7 +405,7 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None, prog: str | No
             if key not in names:
                 raise UserError(f"unknown key {raw_key!r} in {source} (valid keys: {', '.join(sorted(names))})")
             file_values[key] = coerce(hints[key], value, f"key {raw_key!r} in {source}")
-    parser = build_parser(cls, prog)
+    parser = build_parser(cls, prog, modes=modes)
     for action in parser._actions:
         outer, _, inner = action.dest.partition(".")
         if inner and outer in file_values:  # a nested key: the YAML mapping's value is the flag's default
@@ -404,10 +415,12 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None, prog: str | No
             action.required = False
     # Enforce "required" ourselves, so a value given in the YAML file satisfies it.
     namespace = parser.parse_args(argv)
-    values, nested = {}, {}
+    values, nested, switches = {}, {}, {}
     for key, value in vars(namespace).items():
         outer, _, inner = key.partition(".")
-        if inner:
+        if key.startswith("mode:"):
+            switches[key.removeprefix("mode:")] = bool(value)
+        elif inner:
             nested.setdefault(outer, {})[inner] = value
         elif key not in ("config", "verbose"):
             values[key] = value
@@ -425,7 +438,7 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None, prog: str | No
         kwargs[outer] = hints[outer](**{
             inner: coerce(inner_hints[inner], value, f"--{outer}-{inner}".replace("_", "-"))
             for inner, value in inner_values.items()})
-    return cls(**kwargs)
+    return cls(**kwargs), switches
 
 
 def _is_required(cls: type, name: str) -> bool:

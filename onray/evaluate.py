@@ -28,6 +28,7 @@ from lib.evaluation import (
 )
 from lib.io import atomic_copy, ensure_writable_dir, write_json, write_text
 from lib.paths import RunPaths
+from lib.planning import JobPlan, actors_job_plan
 from lib.report import (
     STACKED,
     best_model,
@@ -38,7 +39,35 @@ from lib.report import (
 )
 from lib.tracking import Tracker
 from onray.embed import ensure_embeddings
+from onray.plan import plan_actor_pool
 from onray.runtime import check_cluster_paths, check_shared_storage, init_ray
+
+
+def model_names(run: RunPaths, backbones: tuple[str, ...], include_untrained: bool) -> list[str]:
+    """The names an evaluation of ``run`` embeds with (as :func:`lib.embedding.model_sources` names them), read
+    from RUN/models alone: nothing loaded or fetched."""
+    trained = set(run.trained_backbones())
+    names = []
+    for backbone in backbones or tuple(sorted(trained)):
+        names.append(backbone if backbone in trained else f"{backbone}-untrained")
+        if backbone in trained and include_untrained:
+            names.append(f"{backbone}-untrained")
+    return names
+
+
+def dry_run(cfg: EvaluateConfig) -> JobPlan:
+    """``jobs.evaluate --dry-run``: the embedding actors' plan (how many, on GPUs or CPUs, on which nodes, what the
+    autoscaler would be asked for) for every model the evaluation embeds; nothing embedded, written or asked for."""
+    check_cluster_paths(data_dir=cfg.data_dir, run_dir=cfg.run_dir)
+    run = RunPaths.of(cfg.run_dir)
+    data = PreparedData.open(Path(cfg.data_dir).expanduser().absolute())
+    names = model_names(run, cfg.backbones, cfg.include_untrained)
+    init_ray()
+    plan, shape = plan_actor_pool(cfg.use_gpu, cfg.num_actors)
+    rows = sum(data.rows(split) for split in SPLITS)
+    notes = (f"every model embeds the {rows:,} images of {', '.join(SPLITS)} in one pass of the pool, "
+             f"{cfg.batch_size} per batch",) if names else (f"no trained models in {run.models} yet",)
+    return actors_job_plan("jobs.evaluate", names, plan, shape, shape.gpus, notes)
 
 
 def evaluate_run(cfg: EvaluateConfig) -> tuple[Path, str]:

@@ -18,17 +18,46 @@ from typing import Any
 
 from lib.config import to_dict
 from lib.console import log
+from lib.data.reader import SPLITS, PreparedData
 from lib.evaluation import EvaluateConfig
 from lib.io import ensure_writable_dir, write_json
 from lib.paths import RunPaths
 from lib.pipeline import PipelineConfig
+from lib.planning import JobPlan, actors_job_plan, pipeline_job_plan
 from onray.evaluate import evaluate_run
+from onray.plan import plan_actor_pool
 from onray.prepare import prepare_data
 from onray.runtime import check_cluster_paths, init_ray
-from onray.trainer import BackboneFailed, train_backbones
+from onray.trainer import BackboneFailed, describe_training, plan_of, train_backbones
 
 # (config, backbone) -> the backbone's best.json: :func:`tuning.run.tune_pipeline_backbone`
 TuneBackbone = Callable[[PipelineConfig, str], Path]
+# (config, backbone) -> the plan of its tune: :func:`tuning.run.dry_run_pipeline_backbone`
+TunePlan = Callable[[PipelineConfig, str], JobPlan]
+
+
+def dry_run(cfg: PipelineConfig, tune_plan: TunePlan | None = None) -> JobPlan:
+    """``jobs.pipeline --dry-run``: the plan of each stage that uses the cluster (each tune with ``tune_plan``, the
+    training, the embedding actors), with nothing prepared, trained, written or asked for. Steps per epoch need
+    RUN/data prepared; without it the plan says so."""
+    check_cluster_paths(run_dir=cfg.run_dir, storage=cfg.storage)
+    run = RunPaths.of(cfg.run_dir)
+    cfg = dataclasses.replace(cfg, run_dir=str(run.root))
+    data = PreparedData.find(run.data)
+    init_ray()
+    stages: list[tuple[str, JobPlan]] = []
+    if cfg.tune and tune_plan is not None:
+        stages += [(f"tune {backbone}", tune_plan(cfg, backbone)) for backbone in cfg.backbones]
+    given = cfg.train_config()
+    planned, shape = plan_of(given.resolve())
+    stages.append(("train", describe_training("jobs.pipeline", given, planned, shape, data)))
+    actors, shape = plan_actor_pool(cfg.use_gpu)
+    names = [name for backbone in cfg.backbones
+             for name in (backbone, f"{backbone}-untrained")[:2 if cfg.include_untrained else 1]]
+    rows = f"the {sum(data.rows(split) for split in SPLITS):,} images" if data else "the images"
+    stages.append(("evaluate", actors_job_plan("jobs.pipeline", names, actors, shape, shape.gpus,
+                                               (f"every model embeds {rows} of {', '.join(SPLITS)} in one pass",))))
+    return pipeline_job_plan(stages)
 
 
 def prepare_stage(cfg: PipelineConfig) -> None:

@@ -141,16 +141,22 @@ def bind_replica_grpc_to_loopback() -> bool:
 
 # --- The cluster's state --------------------------------------------------------------------------------------
 
-def cluster_config_max_resources() -> dict[str, float]:
-    """The most of each resource the cluster's autoscaler may bring up, from the cluster config Ray publishes
-    (autoscaler v2): ``ray._private.state.state.get_max_resources_from_cluster_config()``, the reading Ray
-    Train itself makes. {} without an autoscaler, or when this Ray lacks the call."""
+def cluster_config_node_groups() -> list[dict[str, Any]]:
+    """The node types of the cluster config Ray's GCS holds (``ray._private.state.state.get_cluster_config()``,
+    the reading Ray Train and Ray Data make; a platform publishes it with ``ReportClusterConfig``): one dict per
+    node group, ``name``, ``resources`` ({"CPU": 8, "GPU": 1}), ``min_count`` and ``max_count`` (-1: no limit).
+    [] when nothing is published (OSS Ray's launcher and KubeRay do not publish it in 2.60), or when this Ray
+    lacks the call."""
     try:
         from ray._private.state import state
 
-        return dict(state.get_max_resources_from_cluster_config() or {})
+        config = state.get_cluster_config()
     except Exception:  # noqa: BLE001 - a private API: without it the caller has other sources
-        return {}
+        return []
+    if config is None:
+        return []
+    return [{"name": group.name, "resources": dict(group.resources), "min_count": int(group.min_count),
+             "max_count": int(group.max_count)} for group in config.node_group_configs]
 
 
 def placement_groups() -> list[Any] | None:

@@ -221,7 +221,7 @@ def check_shared_storage(*folders: str | os.PathLike) -> None:
         markers.append(str(marker))
     read_back = ray.remote(num_cpus=0, max_retries=0)(_missing_marker)
     try:
-        checks = {node["NodeManagerAddress"]: read_back.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        checks = {node_label(node): read_back.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             node["NodeID"], soft=False)).remote(markers, token) for node in nodes}
         for address, ref in checks.items():
             try:
@@ -236,6 +236,15 @@ def check_shared_storage(*folders: str | os.PathLike) -> None:
     finally:
         for marker in markers:
             Path(marker).unlink(missing_ok=True)
+
+
+def node_label(node: dict[str, Any]) -> str:
+    """A node of ``ray.nodes()`` as a person finds it: its name (``ray start --node-name``, a pod's name on KubeRay)
+    or address, and the start of its node id (nodes of one machine share an address)."""
+    address = node.get("NodeManagerAddress", "?")
+    name = node.get("NodeName") or address
+    where = name if name == address else f"{name} at {address}"
+    return f"{where} (node id {str(node.get('NodeID', ''))[:8]})"
 
 
 def _missing_marker(markers: list[str], token: str) -> str | None:

@@ -24,6 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lib.augment import AugmentSettings
 from lib.backbones import build_model, fetch_imagenet_weights
+from lib.batching import planned_steps
 from lib.checkpoints import checkpoint_epoch, load_train_state, newest_complete_checkpoint
 from lib.config import from_dict, to_dict
 from lib.console import detail, log
@@ -34,17 +35,11 @@ from lib.devices import gpu_share
 from lib.errors import UserError, WorkFailed, disk_error, failure_reason
 from lib.io import atomic_copy, atomic_open, ensure_writable_dir, write_json
 from lib.paths import RunPaths
-from lib.planning import TrainPlan, plan_training
+from lib.planning import ClusterShape, JobPlan, TrainPlan, plan_training, training_job_plan
 from lib.tracking import Tracker
 from lib.training import METRIC, TrainConfig, WorkerContext, best_epoch
 from onray.data import augmented_dataset, default_num_blocks
-from onray.plan import (
-    check_cuda_on_a_gpu_node,
-    cluster_cpus_gpus,
-    cluster_gpus_per_node,
-    ensure_gpus,
-    reachable_gpus,
-)
+from onray.plan import check_cuda_on_a_gpu_node, cluster_shape, ensure_resources
 from onray.progress import TrainingBars
 from onray.runtime import check_cluster_paths, check_shared_storage, init_ray, on_cluster
 from onray.train_loop import train_loop_per_worker
@@ -296,23 +291,64 @@ def _fit_remote(config: dict, use_gpu: bool, num_classes: int, subsets: Subsets,
     return fit_backbone(from_dict(TrainConfig, config), use_gpu, num_classes, subsets, trainers_per_node, progress)
 
 
-def plan(cfg: TrainConfig) -> TrainPlan:
-    """The running cluster's plan for ``cfg`` (:func:`lib.planning.plan_training` over the GPUs it has or can scale
-    to). GPUs the plan counts on but the cluster does not have yet are asked of its autoscaler and waited for;
-    the ``full`` preset never falls back to CPUs without ``--use-gpu false``."""
-    cpus, gpus = cluster_cpus_gpus()
-    wanted = (cfg.num_workers or 1) * len(cfg.backbones)
-    shape = plan_training(cfg.use_gpu, cfg.num_workers, len(cfg.backbones), cpus,
-                          reachable_gpus(cfg.use_gpu, gpus, wanted), cfg.gpus_per_worker,
-                          cluster_gpus_per_node() if gpus else None)
-    if cfg.preset == "full" and not shape.use_gpu and cfg.use_gpu == "auto":
+def plan_of(cfg: TrainConfig) -> tuple[TrainPlan, ClusterShape]:
+    """The running cluster's plan for ``cfg`` (:func:`lib.planning.plan_training` over the nodes up and the node types
+    its autoscaler can add) and that cluster's shape, without asking for anything. The ``full`` preset never falls
+    back to CPUs without ``--use-gpu false``."""
+    shape = cluster_shape(cfg.use_gpu, (cfg.num_workers or 1) * len(cfg.backbones))
+    planned = plan_training(cfg.use_gpu, cfg.num_workers, len(cfg.backbones), shape, cfg.gpus_per_worker)
+    if cfg.preset == "full" and not planned.use_gpu and cfg.use_gpu == "auto":
         raise UserError("--preset full fine-tunes ImageNet networks at 224 px and needs GPUs, but the Ray cluster has "
                         "none and cannot scale to any: use --use-gpu false to train on CPUs anyway, or --preset quick")
-    if shape.use_gpu and gpus < shape.gpus_needed(1):
-        ensure_gpus(shape.gpus_needed(len(cfg.backbones)))
-    if shape.use_gpu:
+    return planned, shape
+
+
+def plan(cfg: TrainConfig) -> TrainPlan:
+    """:func:`plan_of`, then what it places on nodes the cluster does not have yet asked of its autoscaler in the
+    plan's shapes (:meth:`lib.planning.TrainPlan.bundles`) and waited for, and a GPU probed."""
+    planned, _ = plan_of(cfg)
+    if planned.use_gpu:
+        ensure_resources(planned.bundles(), planned.gpus_needed(len(cfg.backbones)))
         check_cuda_on_a_gpu_node()
-    return shape
+    return planned
+
+
+def train_rows(cfg: TrainConfig, data: PreparedData) -> int:
+    """Train images per epoch of ``cfg`` (its ``--train-per-class`` subset's size, else the split's), from the
+    manifest's counts: nothing is read or written."""
+    counts = (data.manifest.get("counts") or {}).get("train") or {}
+    if not cfg.train_per_class or not counts:
+        return data.rows("train")
+    return sum(min(cfg.train_per_class, int(count)) for count in counts.values())
+
+
+def dry_run(given: TrainConfig) -> JobPlan:
+    """``jobs.train --dry-run``: attach to or start Ray and return the plan of ``given`` (per backbone its workers,
+    GPU share, nodes, images and steps per epoch; what runs at once; what the autoscaler would be asked for), having
+    trained nothing, written nothing into RUN and asked the autoscaler for nothing."""
+    check_cluster_paths(data_dir=given.data_dir, run_dir=given.run_dir, storage=given.storage)
+    given = dataclasses.replace(given, run_dir=str(RunPaths.of(given.run_dir).root),
+                                data_dir=str(Path(given.data_dir).expanduser().absolute()))
+    cfg = given.resolve()
+    data = PreparedData.open(cfg.data_dir)
+    init_ray()
+    planned, shape = plan_of(cfg)
+    return describe_training("jobs.train", given, planned, shape, data)
+
+
+def describe_training(job: str, given: TrainConfig, planned: TrainPlan, shape: ClusterShape,
+                      data: PreparedData | None) -> JobPlan:
+    """The :class:`lib.planning.JobPlan` of training ``given``'s backbones as ``planned`` (steps from ``data`` when
+    it is prepared; None: not yet, as in a pipeline's dry run)."""
+    configs = [given.for_backbone(bb).resolve() for bb in given.backbones]
+    rows = train_rows(configs[0], data) if data else None
+    # the training's own count (lib.training.build_training): at least one step
+    steps = [max(1, planned_steps(rows // planned.workers_of(i), len(data.classes), c.batch_size, c.samples_per_class))
+             if data else None for i, c in enumerate(configs)]
+    notes = () if data else (f"images per epoch: {configs[0].train_per_class or 'all'} per class of the prepared "
+                             f"train split (not prepared yet)",)
+    return training_job_plan(job, list(given.backbones), planned, shape, shape.gpus,
+                             [c.epochs for c in configs], [c.batch_size for c in configs], rows, steps, notes=notes)
 
 
 def train_backbones(given: TrainConfig) -> list[TrainConfig]:
@@ -330,8 +366,9 @@ def train_backbones(given: TrainConfig) -> list[TrainConfig]:
     models = ensure_writable_dir(RunPaths.of(cfg.run_dir).models)
     tracker = Tracker.connect(cfg.mlflow, cfg.run_dir)  # None without --mlflow; a dead server is one line here
     init_ray()
-    check_shared_storage(models, data.root, cfg.storage)
     shape = plan(cfg)
+    # after the plan's GPU nodes are up: the nodes whose workers write checkpoints are checked too
+    check_shared_storage(models, data.root, cfg.storage)
     # each backbone resolves on its own: a preset may size epochs per backbone (BACKBONE_PRESETS)
     configs = {bb: dataclasses.replace(given.for_backbone(bb).resolve(), num_workers=shape.workers_of(i),
                                        gpus_per_worker=f"{shape.gpus_per_worker:g}" if shape.use_gpu else "auto")

@@ -91,8 +91,7 @@ def tune_backbone(cfg: TuneJobConfig) -> Path:
         if importlib.util.find_spec("optuna") is None:
             raise UserError("--search optuna needs the optuna package: pip install optuna")
     # A bad space stops the job above, before Ray, Train and Tune are imported (seconds).
-    from lib.planning import plan_trials
-    from onray.plan import cluster_cpus_gpus
+    from onray.plan import ensure_resources
     from onray.runtime import check_shared_storage, init_ray, on_cluster
     from onray.trainer import check_weights, plan, training_subsets
     from tuning import driver, report
@@ -120,14 +119,19 @@ def tune_backbone(cfg: TuneJobConfig) -> Path:
         return out / "best.json"
     check_weights(base)
     init_ray()
-    check_shared_storage(out, data.root, cfg.storage)
     shape = plan(base)
     base = dataclasses.replace(base, num_workers=shape.num_workers)
-    fits = plan_trials(base.num_workers, shape.use_gpu, *cluster_cpus_gpus())
+    trials_plan = plan_trials_of(base, shape.use_gpu)
+    fits = trials_plan.concurrent
     if cfg.max_concurrent and cfg.max_concurrent > fits:
         log(f"warning: --max-concurrent {cfg.max_concurrent} is more than the {fits} trial(s) this cluster "
-            f"fits now; Ray Data may wait for CPUs that trial drivers hold")
+            f"fits; Ray Data may wait for CPUs that trial drivers hold")
     concurrent = cfg.max_concurrent or fits
+    if shape.use_gpu:  # the first wave's nodes, in the trials' shapes, before any trial starts
+        wave = trials_plan.placements[:concurrent]
+        ensure_resources(dataclasses.replace(trials_plan, placements=wave).bundles(), len(wave) * base.num_workers)
+    # after the GPU nodes are up: the nodes whose workers write checkpoints are checked too
+    check_shared_storage(out, data.root, cfg.storage)
     subsets = training_subsets(base, data)  # written once here, handed to every trial
     write_json(out / "tune_config.json", identity)
     log(f"tuning {cfg.backbone}: {trials} trial(s), {cfg.search} search, up to {concurrent} at "
@@ -158,15 +162,66 @@ def tune_backbone(cfg: TuneJobConfig) -> Path:
     return out / "best.json"
 
 
-def tune_pipeline_backbone(cfg: PipelineConfig, backbone: str) -> Path:
-    """The pipeline's tune stage for one backbone (:func:`onray.pipeline.run_pipeline`): a tune into the
-    pipeline's RUN with its storage, seed and those of its training settings a tune takes too, except the trial
-    sizes, which stay the tune preset's; returns the backbone's ``best.json``."""
+def plan_trials_of(base: TrainConfig, use_gpu: bool):
+    """The running cluster's :class:`lib.planning.TrialPlan` for trials of ``base`` (its workers each)."""
+    from lib.planning import plan_trials
+    from onray.plan import cluster_shape
+
+    return plan_trials(base.num_workers or 1, use_gpu, cluster_shape(base.use_gpu, base.num_workers or 1))
+
+
+def dry_run(cfg: TuneJobConfig, unprepared_ok: bool = False):
+    """``jobs.tune --dry-run``: the :class:`lib.planning.JobPlan` of the trials (how many at once, each one's
+    workers, GPU share and nodes, what the autoscaler would be asked for); nothing trained, written or asked for.
+    ``unprepared_ok`` (a pipeline's dry run): DATA may not be prepared yet, and the steps are then left out."""
+    from lib.batching import planned_steps
+    from lib.planning import training_job_plan
+    from onray.runtime import check_cluster_paths, init_ray
+    from onray.trainer import plan_of, train_rows
+
+    check_cluster_paths(data_dir=cfg.data_dir, run_dir=cfg.run_dir, storage=cfg.storage)
+    cfg = dataclasses.replace(cfg, run_dir=str(absolute(cfg.run_dir)), data_dir=str(absolute(cfg.data_dir)))
+    space = load_space(cfg.space) if cfg.space else preset_space(cfg.preset)
+    from tuning import driver
+
+    preset = driver.TUNE_PRESETS[cfg.preset]
+    base = dataclasses.replace(cfg.train_config(**preset["train"]), max_failures=0, **fixed_values(space)).resolve()
+    data = PreparedData.find(cfg.data_dir) if unprepared_ok else PreparedData.open(cfg.data_dir)
+    init_ray()
+    shape, cluster = plan_of(base)
+    base = dataclasses.replace(base, num_workers=shape.num_workers)
+    trials = plan_trials_of(base, shape.use_gpu)
+    samples = cfg.num_samples or preset["num_samples"]
+    concurrent = min(cfg.max_concurrent or trials.concurrent, trials.concurrent, samples)
+    rows = train_rows(base, data) if data else None
+    steps = max(1, planned_steps(rows // base.num_workers, len(data.classes), base.batch_size,
+                                 base.samples_per_class)) if data else None
+    names = [f"trial {i + 1}" for i in range(concurrent)]
+    wave = dataclasses.replace(trials, concurrent=concurrent, placements=trials.placements[:concurrent])
+    return training_job_plan("jobs.tune", names, wave, cluster, cluster.gpus, [base.epochs] * concurrent, [base.batch_size] * concurrent, rows,
+                             [steps] * concurrent, unit="trials",
+                             notes=(f"{samples} trial(s) of {cfg.backbone} in all, {concurrent} at a time",))
+
+
+def pipeline_tune_config(cfg: PipelineConfig, backbone: str) -> TuneJobConfig:
+    """The pipeline's tune of one backbone: into the pipeline's RUN with its storage, seed and those of its training
+    settings a tune takes too, except the trial sizes, which stay the tune preset's."""
     run = RunPaths.of(cfg.run_dir)
     shared = {key: value for key, value in borrowed(cfg, TrainConfig).items()
               if key in TRAIN_SETTINGS and key not in TRIAL_SIZES}
-    return tune_backbone(TuneJobConfig(data_dir=str(run.data), run_dir=str(run.root), backbone=backbone,
-                                       storage=cfg.storage, seed=cfg.seed, **shared))
+    return TuneJobConfig(data_dir=str(run.data), run_dir=str(run.root), backbone=backbone, storage=cfg.storage,
+                         seed=cfg.seed, **shared)
+
+
+def tune_pipeline_backbone(cfg: PipelineConfig, backbone: str) -> Path:
+    """The pipeline's tune stage for one backbone (:func:`onray.pipeline.run_pipeline`,
+    :func:`pipeline_tune_config`); returns the backbone's ``best.json``."""
+    return tune_backbone(pipeline_tune_config(cfg, backbone))
+
+
+def dry_run_pipeline_backbone(cfg: PipelineConfig, backbone: str):
+    """The plan of the pipeline's tune of ``backbone`` (:func:`dry_run`; RUN/data may not be prepared yet)."""
+    return dry_run(pipeline_tune_config(cfg, backbone), unprepared_ok=True)
 
 
 def _check_same_tune(out: Path, identity: dict) -> None:

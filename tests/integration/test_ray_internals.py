@@ -37,5 +37,5 @@ def test_the_placement_group_table_lists_a_live_group_with_the_fields_tuning_rea
 def test_a_local_ray_has_no_autoscaler_limits_and_a_session_folder():
     from pathlib import Path
 
-    assert ray_internals.cluster_config_max_resources().get("GPU", 0) == 0
+    assert ray_internals.cluster_config_node_groups() == []
     assert Path(ray_internals.session_dir()).is_dir()

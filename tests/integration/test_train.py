@@ -146,3 +146,22 @@ def test_a_resumed_two_worker_proxy_anchor_run_continues_from_its_checkpointed_p
     [after] = [s["objective"]["loss.proxies"] for s in states if s["history"][-1]["epoch"] == 2]
     assert after.shape == planted.shape and not torch.equal(after, planted)  # epoch 2 trained them on
     assert float((after - planted).norm() / planted.norm()) < 0.01  # from the checkpoint's proxies
+
+
+def test_dry_run_prints_the_plan_and_leaves_run_and_the_cluster_alone(data_dir, tmp_path, capsys):
+    """On a local Ray (the session's, no GPU): --dry-run --json is one JSON object on stdout, the CPU plan, and
+    nothing is trained or written into RUN; without --json the same plan in words."""
+    run = tmp_path / "run"
+    args = ["--data-dir", str(data_dir), "--run-dir", str(run), "--preset", "smoke",
+            "--backbones", "resnet50,vgg16", "--dry-run"]
+    assert train.cli([*args, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["on_gpu"], plan["gpus_requested"], plan["concurrent"]) == (False, 0, 2)
+    assert [(b["name"], b["workers"], b["gpus_per_worker"], b["nodes"]) for b in plan["backbones"]] == [
+        ("resnet50", 1, 0.0, 1), ("vgg16", 1, 0.0, 1)]
+    assert plan["backbones"][0]["images_per_epoch"] == 16 * 3 and plan["backbones"][0]["steps_per_epoch"] >= 1
+    assert train.cli(args) == 0
+    text = capsys.readouterr().out
+    assert "2 of 2 backbones at once, on CPUs" in text and "images per epoch" in text
+    assert not run.exists()
+    assert train.cli([*args[:-1], "--json"]) == 2  # --json alone is a mistake, said in one line

@@ -16,7 +16,6 @@ from PIL import Image
 
 from jobs import prepare, tune
 from lib.config import parse_config
-from lib.planning import plan_trials as concurrent_trials
 from lib.training import HPARAM_KEYS, METRIC, PRESETS, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -189,14 +188,6 @@ def test_rerunning_into_the_run_with_other_settings_fails_with_one_line(tuned, c
     assert tune.cli([*tuned["args"], "--epochs", "3"]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and re.search(r"holds a tune with other settings \(epochs differ\)", lines[0])
-
-
-def test_concurrent_trials_leave_room_for_workers_and_ray_data():
-    assert concurrent_trials(workers=1, use_gpu=False, cpus=4, gpus=0) == 1  # the test session's Ray
-    assert concurrent_trials(workers=1, use_gpu=False, cpus=16, gpus=0) == 5
-    assert concurrent_trials(workers=1, use_gpu=True, cpus=32, gpus=4) == 4
-    assert concurrent_trials(workers=2, use_gpu=True, cpus=32, gpus=4) == 2
-    assert concurrent_trials(workers=4, use_gpu=True, cpus=8, gpus=8) == 1
 
 
 def test_tune_searches_the_loss_like_any_key_and_train_takes_the_winner(tmp_path):

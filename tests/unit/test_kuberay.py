@@ -122,3 +122,29 @@ def test_a_cpu_only_head_gpu_workers_from_zero_and_the_job_cleans_up(rayjob):
     for _, pod in pod_specs(cluster):  # Ray Data and the DataLoaders share memory through /dev/shm
         shm = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
         assert shm and any(m["mountPath"] == "/dev/shm" for c in pod["containers"] for m in c["volumeMounts"])
+
+
+def test_the_heads_node_types_variable_is_the_worker_groups_shape(rayjob):
+    """The jobs plan from CIFAR_EMBED_NODE_TYPES on a KubeRay head (onray.plan.NODE_TYPES_VARIABLE): it must say what
+    each worker group's pods have, or the plan asks the autoscaler for nodes it cannot add."""
+    from lib.planning import NodeType
+    from onray.plan import NODE_TYPES_VARIABLE, parse_node_types
+
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    (value,) = [e["value"] for e in head["env"] if e["name"] == NODE_TYPES_VARIABLE]
+    groups = []
+    for group in cluster["workerGroupSpecs"]:
+        (container,) = group["template"]["spec"]["containers"]
+        limits = container["resources"]["limits"]
+        groups.append(NodeType(group["groupName"], int(limits["cpu"]), int(limits.get("nvidia.com/gpu", 0)),
+                               group["maxReplicas"]))
+    assert parse_node_types(value, NODE_TYPES_VARIABLE) == tuple(groups)
+
+
+@pytest.mark.parametrize("text", ["not json", "[1]", '{"gpu": {"resources": {"GPU": 1}}}', '{"gpu": 4}'])
+def test_a_malformed_node_types_variable_is_one_clear_line(text):
+    from onray.plan import NODE_TYPES_VARIABLE, parse_node_types
+
+    with pytest.raises(UserError, match=f"^{NODE_TYPES_VARIABLE} must be JSON like"):
+        parse_node_types(text, NODE_TYPES_VARIABLE)

@@ -57,7 +57,11 @@ def test_the_session_and_state_readers_exist():
     from ray.core.generated import gcs_pb2
 
     assert hasattr(worker, "_global_node")
-    assert callable(state.state.get_max_resources_from_cluster_config)
+    assert callable(state.state.get_cluster_config)
+    from ray.core.generated import autoscaler_pb2
+
+    group = autoscaler_pb2.NodeGroupConfig()
+    assert {"name", "resources", "min_count", "max_count"} <= {f.name for f in group.DESCRIPTOR.fields}
     assert callable(state.state._connect_and_get_accessor)
     record = gcs_pb2.PlacementGroupTableData()
     for field in ("state", "creator_actor_id", "creator_actor_dead", "creator_job_id", "is_detached",
